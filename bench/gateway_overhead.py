@@ -163,7 +163,7 @@ def child_gateway(engine_url: str, port: int, data_dir: str) -> None:
 
     from serve.app import create_app
     from serve.cli_serve import _build_store
-    from serve.config import load_settings
+    from serve.settings import load_settings
 
     settings = load_settings(None, data_dir=Path(data_dir), engine={"url": engine_url}, serve={"port": port})
     writer, registry = _build_store(settings)
@@ -196,7 +196,7 @@ def main() -> None:
     manager = None
     engine_url = args.engine_url
     if engine_url is None:
-        from serve.config import load_settings
+        from serve.settings import load_settings
         from serve.engine import EngineManager
         from serve.model import prepare_model
 

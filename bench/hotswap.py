@@ -124,7 +124,7 @@ async def bench(engine_url: str, data_dir: Path, streams: int, warmup_s: float) 
     from learn.registry import Registry
     from serve.app import create_app, make_writer
     from serve.cli_serve import ServerThread
-    from serve.config import hash_key, load_settings
+    from serve.settings import hash_key, load_settings
 
     settings = load_settings(None, data_dir=data_dir, engine={"url": engine_url},
                              serve={"port": free_port(), "admin_keys": [hash_key(ADMIN_KEY)]})
@@ -176,7 +176,7 @@ async def main_async(args) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix="tunewheel-hotswap-"))
     if args.engine_url:
         return await bench(args.engine_url, data_dir, args.streams, args.warmup_s)
-    from serve.config import load_settings
+    from serve.settings import load_settings
     from serve.engine import EngineManager
     from serve.model import prepare_model
 

@@ -137,7 +137,7 @@ class TrainConfig:
 
     @classmethod
     def from_settings(cls, train, *, base_model, train_file, out_dir, val_file=None, device: str = "auto") -> TrainConfig:
-        """Build from `settings.learn.train` (serve.config.TrainSettings) plus the run's paths."""
+        """Build from `settings.learn.train` (serve.settings.TrainSettings) plus the run's paths."""
         return cls(base_model=base_model, train_file=train_file, out_dir=out_dir, val_file=val_file, device=device, **train.model_dump())
 
 

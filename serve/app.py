@@ -38,7 +38,7 @@ from serve import admin, metrics
 from serve.aliases import AliasTable
 from serve.auth import Auth, CallerDep
 from serve.chat import ChatService
-from serve.config import Settings
+from serve.settings import Settings
 from serve.protocol import APIError, ChatCompletionRequest, FeedbackRequest, model_card, not_ready, validation_error
 
 FEEDBACK_WAIT_S = 10.0  # how long a rating waits for its turn to reach the database

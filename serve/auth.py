@@ -1,7 +1,7 @@
 """Bearer-key auth of the gateway, and the rule that an open gateway stays on loopback.
 
     [serve]
-    api_keys   = ["<sha256 hex>"]     # python -c 'from serve.config import hash_key; print(hash_key("KEY"))'
+    api_keys   = ["<sha256 hex>"]     # python -c 'from serve.settings import hash_key; print(hash_key("KEY"))'
     admin_keys = ["<sha256 hex>"]
 
     curl -H "Authorization: Bearer KEY" localhost:8000/v1/models
@@ -24,7 +24,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from serve.config import Settings, hash_key
+from serve.settings import Settings, hash_key
 from serve.protocol import APIError
 
 
@@ -108,6 +108,6 @@ def check_bind(settings: Settings) -> None:
     if not Auth.from_settings(settings).enabled and not is_loopback(settings.serve.host):
         raise ValueError(
             f"refusing to bind {settings.serve.host}: no API keys are configured, so the gateway would be open. "
-            "Add serve.api_keys (sha256 hex; python -c 'from serve.config import hash_key; print(hash_key(\"KEY\"))') "
+            "Add serve.api_keys (sha256 hex; python -c 'from serve.settings import hash_key; print(hash_key(\"KEY\"))') "
             "or bind 127.0.0.1."
         )

@@ -1,32 +1,44 @@
-"""The `tunewheel` command: every verb of the product in one place.
+"""The `tunewheel` command: mounts the commands each package owns, and loads their settings.
 
-    tunewheel serve [--with-learner]        gateway + engine
-    tunewheel model prepare                 the embedded SmolLM2 as a Hugging Face folder
-    tunewheel data export|check|import-coqa|synth-coqa
-    tunewheel learn run|schedule
-    tunewheel adapters list|promote|rollback
-    tunewheel eval --model NAME --data FILE
-    tunewheel restyle build|train
+    tunewheel serve [--with-learner]        gateway + engine               serve/cli_serve.py
+    tunewheel model prepare                 the embedded SmolLM2            serve/cli_model.py
+    tunewheel data export|check|curate|import-coqa|synth-coqa               feedback/cli.py
+    tunewheel learn run|schedule                                            learn/cli.py
+    tunewheel eval --model NAME --data FILE                                 learn/cli_eval.py
+    tunewheel adapters list|promote|rollback                                learn/cli_eval.py
+    tunewheel restyle synth|build|train                                     learn/cli_restyle.py
 
-Each sub-command takes --config FILE; heavy imports happen inside the commands.
+Every command takes `--config FILE` (feedback/cli_common.py: one option, one loader, one way to
+fail); this app hands them `load_settings`, the composed settings of serve/settings.py. Heavy
+imports happen inside the commands.
 """
 
 from __future__ import annotations
 
 import typer
 
+from feedback import cli as data_cli
+from learn import cli as learn_cli
+from learn import cli_eval, cli_restyle
+from serve import cli_model, cli_serve
+from serve.settings import load_settings
+
 app = typer.Typer(help="tunewheel: a chatbot serving stack that learns from its own conversations.", no_args_is_help=True)
 
 
-def _register() -> None:
-    """Sub-command groups live beside the code they drive; each module adds its own."""
-    import importlib
-
-    for name in ("serve.cli_serve", "serve.cli_model", "serve.cli_data", "serve.cli_eval", "serve.cli_learn", "serve.cli_restyle"):
-        importlib.import_module(name).register(app)
+@app.callback()
+def main(ctx: typer.Context) -> None:
+    """tunewheel: a chatbot serving stack that learns from its own conversations."""
+    ctx.obj = load_settings
 
 
-_register()
+app.command("serve")(cli_serve.serve)
+app.add_typer(cli_model.app, name="model")
+app.add_typer(data_cli.app, name="data")
+app.add_typer(learn_cli.app, name="learn")
+app.command("eval")(cli_eval.eval_command)
+app.add_typer(cli_eval.adapters_app, name="adapters")
+app.add_typer(cli_restyle.app, name="restyle")
 
 if __name__ == "__main__":
     app()

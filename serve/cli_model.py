@@ -10,31 +10,21 @@ It prints the folder on success; on failure it prints what to run and exits with
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
-
 import typer
 
-from serve.config import load_settings
+from feedback.cli_common import ConfigOption, fail, load
 
-model_app = typer.Typer(help="The base model: prepare the embedded default.", no_args_is_help=True)
-
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="tunewheel TOML config file.")]
+app = typer.Typer(help="The base model: prepare the embedded default.", no_args_is_help=True)
 
 
-@model_app.command("prepare")
-def prepare(config: ConfigOption = None) -> None:
+@app.command("prepare")
+def prepare(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Make the base model ready (convert the embedded GGUF to a Hugging Face folder, once)."""
     from serve.model import ModelPrepareError, prepare_model
 
+    settings = load(ctx, config)
     try:
-        settings = load_settings(config)
         folder = prepare_model(settings)
-    except (ModelPrepareError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    except ModelPrepareError as exc:
+        fail(str(exc))
     typer.echo(str(folder))
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(model_app, name="model")

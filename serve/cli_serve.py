@@ -22,9 +22,11 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+from feedback.cli_common import ConfigOption, fail, load
 
 log = logging.getLogger("tunewheel.serve")
 
@@ -103,9 +105,7 @@ async def run_serve(settings, *, with_learner: bool = False) -> None:
         if with_learner:
             from learn.scheduler import start_in_process
 
-            from serve.metrics import observe_cycle
-
-            learner = start_in_process(settings, app, observe=observe_cycle)
+            learner = start_in_process(settings, app)
         server = uvicorn.Server(uvicorn.Config(app, host=settings.serve.host, port=settings.serve.port,
                                                log_level="info", lifespan="on", timeout_graceful_shutdown=30))
         if not stopping:
@@ -120,36 +120,32 @@ async def run_serve(settings, *, with_learner: bool = False) -> None:
             signal.signal(sig, handler)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def serve(
-        config: Optional[Path] = typer.Option(None, "--config", help="TOML config file."),
-        host: Optional[str] = typer.Option(None, help="Gateway bind address (default serve.host, 127.0.0.1)."),
-        port: Optional[int] = typer.Option(None, help="Gateway port (default serve.port, 8000)."),
-        with_learner: bool = typer.Option(False, "--with-learner", help="Also run the learner's scheduler in this process."),
-    ) -> None:
-        """Start the vLLM engine (or attach to engine.url) and the OpenAI-compatible gateway."""
-        from serve.auth import check_bind
-        from serve.config import load_settings
-        from serve.engine import EngineStartError
+def serve(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Gateway bind address (default serve.host, 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Gateway port (default serve.port, 8000).")] = None,
+    with_learner: Annotated[bool, typer.Option("--with-learner", help="Also run the learner's scheduler in this process.")] = False,
+) -> None:
+    """Start the vLLM engine (or attach to engine.url) and the OpenAI-compatible gateway."""
+    from serve.auth import check_bind
+    from serve.engine import EngineStartError
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per health poll and request
-        settings = load_settings(config)
-        if host is not None:
-            settings.serve.host = host
-        if port is not None:
-            settings.serve.port = port
-        try:
-            check_bind(settings)
-        except ValueError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from exc
-        try:
-            asyncio.run(run_serve(settings, with_learner=with_learner))
-        except EngineStartError as exc:
-            typer.echo(f"error: the engine did not start: {exc}", err=True)
-            raise typer.Exit(1) from exc
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            typer.echo("stopped before the gateway was up", err=True)
-            raise typer.Exit(130)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per health poll and request
+    settings = load(ctx, config)
+    if host is not None:
+        settings.serve.host = host
+    if port is not None:
+        settings.serve.port = port
+    try:
+        check_bind(settings)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    try:
+        asyncio.run(run_serve(settings, with_learner=with_learner))
+    except EngineStartError as exc:
+        fail(f"the engine did not start: {exc}")
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        typer.echo("stopped before the gateway was up", err=True)
+        raise typer.Exit(130)

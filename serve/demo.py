@@ -90,7 +90,7 @@ epochs = 1
 
 
 def start_server(config: Path, log_path: Path, timeout_s: float = 900) -> tuple[subprocess.Popen, str]:
-    from serve.config import load_settings
+    from serve.settings import load_settings
 
     url = load_settings(config).gateway_url
     log = open(log_path, "wb")
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-f1-gain", type=float, default=0.01, help="the gate's required F1 gain (learn.gate.min_f1_gain)")
     args = parser.parse_args(argv)
 
-    from serve.config import load_settings
+    from serve.settings import load_settings
     from serve.model import prepare_model
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the server

@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx
 
 from serve import metrics
-from serve.config import EMBEDDED_MODEL, Settings
+from serve.settings import EMBEDDED_MODEL, Settings
 
 log = logging.getLogger(__name__)
 

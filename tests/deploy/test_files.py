@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.config import load_settings
+from serve.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

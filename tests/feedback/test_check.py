@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from feedback.check import check_file, load_token_counter, validate_messages
-from serve.cli_data import data_app
+from serve.cli import app as tunewheel_app
 
 MODEL = Path(__file__).resolve().parents[2] / ".pytest-data" / "models" / "SmolLM2-135M-Instruct"
 GOOD = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
@@ -58,7 +58,7 @@ def test_every_problem_has_its_line_number(broken_file):
 
 
 def test_cli_exits_non_zero_and_prints_line_numbers(broken_file):
-    result = CliRunner().invoke(data_app, ["check", str(broken_file), "--max-tokens", "0"])
+    result = CliRunner().invoke(tunewheel_app, ["data", "check", str(broken_file), "--max-tokens", "0"])
     assert result.exit_code == 1
     assert f"{broken_file}:2: not valid JSON" in result.output
     assert f"{broken_file}:7: message 1 is user but assistant was expected" in result.output
@@ -70,14 +70,14 @@ def test_cli_passes_a_good_file(tmp_path):
     weighted = {"messages": [*copy.deepcopy(GOOD["messages"]), {"role": "user", "content": "More?"}, {"role": "assistant", "content": "No."}]}
     weighted["messages"][2]["weight"] = 0
     good.write_text(json.dumps(GOOD) + "\n" + json.dumps(weighted) + "\n")
-    result = CliRunner().invoke(data_app, ["check", str(good), "--max-tokens", "0", "--json"])
+    result = CliRunner().invoke(tunewheel_app, ["data", "check", str(good), "--max-tokens", "0", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["ok"] and report["examples"] == 2 and report["assistant_turns"] == 3
 
 
 def test_missing_file_is_an_error(tmp_path):
-    result = CliRunner().invoke(data_app, ["check", str(tmp_path / "nope.jsonl"), "--max-tokens", "0"])
+    result = CliRunner().invoke(tunewheel_app, ["data", "check", str(tmp_path / "nope.jsonl"), "--max-tokens", "0"])
     assert result.exit_code == 1 and "does not exist" in result.output
 
 

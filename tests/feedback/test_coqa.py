@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from feedback.check import check_file
 from feedback.coqa import CoqaError, import_coqa
-from serve.cli_data import data_app
+from serve.cli import app as tunewheel_app
 
 STORY = "Anna had two dogs. They were called Rex and Pip. She lived in Oakdale."
 
@@ -90,12 +90,12 @@ def test_malformed_turns_are_named(tmp_path, broken, message):
 
 def test_cli_import(coqa_file, tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(data_app, ["import-coqa", str(coqa_file), "--out-dir", str(tmp_path / "o")])
+    ok = runner.invoke(tunewheel_app, ["data", "import-coqa", str(coqa_file), "--out-dir", str(tmp_path / "o")])
     assert ok.exit_code == 0, ok.output
     assert "skipped record 1 (id s2)" in ok.output and "2 stories, 3 turns" in ok.output
-    failed = runner.invoke(data_app, ["import-coqa", str(coqa_file), "--out-dir", str(tmp_path / "f"), "--on-error", "fail"])
+    failed = runner.invoke(tunewheel_app, ["data", "import-coqa", str(coqa_file), "--out-dir", str(tmp_path / "f"), "--on-error", "fail"])
     assert failed.exit_code == 1 and "record 1 (id s2)" in failed.output
     not_json = tmp_path / "x.json"
     not_json.write_text("{oops")
-    bad = runner.invoke(data_app, ["import-coqa", str(not_json)])
+    bad = runner.invoke(tunewheel_app, ["data", "import-coqa", str(not_json)])
     assert bad.exit_code == 1 and "not valid JSON" in bad.output

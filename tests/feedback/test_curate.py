@@ -220,16 +220,16 @@ def store_config(tmp_path):
 def test_cli_curate_and_export_read_the_store(store_config, tmp_path):
     from typer.testing import CliRunner
 
-    from serve.cli_data import data_app
+    from serve.cli import app as tunewheel_app
 
     runner = CliRunner()
-    result = runner.invoke(data_app, ["curate", "--max-tokens", "0", "--config", str(store_config)])
+    result = runner.invoke(tunewheel_app, ["data", "curate", "--max-tokens", "0", "--config", str(store_config)])
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     assert manifest["counts"]["turns"] == 4 and manifest["counts"]["rated_not_ok"] == 1
     assert manifest["counts"]["train"] + manifest["counts"]["heldout"] == 1
     out = tmp_path / "export.jsonl"
-    result = runner.invoke(data_app, ["export", "--out", str(out), "--max-tokens", "0", "--config", str(store_config)])
+    result = runner.invoke(tunewheel_app, ["data", "export", "--out", str(out), "--max-tokens", "0", "--config", str(store_config)])
     assert result.exit_code == 0, result.output
     [line] = out.read_text().splitlines()
     assert json.loads(line)["messages"][-1] == msg(A, "Paris is the capital.")
@@ -238,11 +238,11 @@ def test_cli_curate_and_export_read_the_store(store_config, tmp_path):
 def test_cli_curate_of_an_empty_log_says_so(tmp_path):
     from typer.testing import CliRunner
 
-    from serve.cli_data import data_app
+    from serve.cli import app as tunewheel_app
 
     config = tmp_path / "tunewheel.toml"
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
-    result = CliRunner().invoke(data_app, ["curate", "--max-tokens", "0", "--config", str(config)])
+    result = CliRunner().invoke(tunewheel_app, ["data", "curate", "--max-tokens", "0", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "no up-rated" in result.output
     assert list((tmp_path / "data" / "datasets" / "snapshots").glob("snap-*/train.jsonl"))

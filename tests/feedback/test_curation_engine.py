@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from feedback.check import check_file, load_token_counter
 from feedback.curate import CurationConfig
 from feedback.snapshot import build_snapshot, iter_log
-from serve.cli_data import data_app
+from serve.cli import app as tunewheel_app
 
 pytestmark = pytest.mark.engine
 
@@ -80,8 +80,8 @@ def test_only_up_rated_answers_become_targets(gateway, model_dir, tmp_path):
                       f'[store]\nurl = "{gateway.settings.store_url}"\n')
     exported = tmp_path / "curated.jsonl"
     runner = CliRunner()
-    result = runner.invoke(data_app, ["export", "--out", str(exported), "--config", str(config)])
+    result = runner.invoke(tunewheel_app, ["data", "export", "--out", str(exported), "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert sorted(targets(exported)) == sorted(up)
-    checked = runner.invoke(data_app, ["check", str(exported), "--config", str(config)])
+    checked = runner.invoke(tunewheel_app, ["data", "check", str(exported), "--config", str(config)])
     assert checked.exit_code == 0, checked.output

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from feedback.check import check_file
 from feedback.coqa import import_coqa, parse_record
 from feedback.synth import synth_coqa
-from serve.cli_data import data_app
+from serve.cli import app as tunewheel_app
 
 PRONOUN = re.compile(r"\b(she|he|her|his|it|them)\b", re.I)
 NUMBER_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
@@ -90,7 +90,7 @@ def test_variants_are_different_generators():
 
 def test_cli_synth_then_import_then_check(tmp_path):
     out = tmp_path / "train.json"
-    result = CliRunner().invoke(data_app, ["synth-coqa", "--stories", "4", "--seed", "2", "--generator", "B", "--out", str(out)])
+    result = CliRunner().invoke(tunewheel_app, ["data", "synth-coqa", "--stories", "4", "--seed", "2", "--generator", "B", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text()) == synth_coqa(stories=4, seed=2, variant="B")
     imported = import_coqa(out, tmp_path)

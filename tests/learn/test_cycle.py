@@ -26,7 +26,7 @@ from learn.cycle import CycleLock, LearnerCycle, run_cycle
 from learn.evaluate import EvalReport
 from learn.registry import Registry
 from learn.train import TrainError, TrainResult
-from serve.config import load_settings
+from serve.settings import load_settings
 
 STORY = "Read the story and extract answers for the questions.\nStory: Ann has a red kite. She flies it on Sunday."
 

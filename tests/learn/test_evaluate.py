@@ -19,7 +19,7 @@ import respx
 from typer.testing import CliRunner
 
 from learn.evaluate import EvalError, HeldoutError, evaluate, load_heldout, turn_messages
-from serve.config import load_settings
+from serve.settings import load_settings
 
 URL = "http://gateway.test"
 

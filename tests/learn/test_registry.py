@@ -295,7 +295,7 @@ def test_adapters_cli(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from serve.cli import app
-    from serve.config import load_settings
+    from serve.settings import load_settings
 
     monkeypatch.setenv("TUNEWHEEL_DATA_DIR", str(tmp_path / "data"))
     reg = Registry(make_db(load_settings().store_url))

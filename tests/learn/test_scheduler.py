@@ -19,7 +19,7 @@ from feedback.models import Conversation, Turn, utcnow
 from feedback.store import make_db
 from learn.cycle import LearnerCycle
 from learn.scheduler import Learner, build_scheduler, new_rated_turns, run_forever
-from serve.config import load_settings
+from serve.settings import load_settings
 
 
 class Recorder:

@@ -92,7 +92,7 @@ def test_config_errors_name_the_problem(tmp_path, tiny_model, data):
 
 
 def test_from_settings_copies_every_train_setting(tmp_path, tiny_model, data):
-    from serve.config import TrainSettings
+    from learn.settings import TrainSettings
 
     settings = TrainSettings(rank=4, alpha=8, epochs=2, train_on_inputs="true", max_steps=7)
     config = TrainConfig.from_settings(settings, base_model=str(tiny_model), train_file=data, out_dir=tmp_path / "out")

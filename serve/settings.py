@@ -1,11 +1,15 @@
-"""Typed settings for every part of tunewheel: one TOML file plus TUNEWHEEL_* variables.
+"""The top-level settings: the sections each package owns, composed; plus serve's own sections.
 
     settings = load_settings("tunewheel.toml")   # or load_settings(None) for the defaults
 
-Sections mirror the packages: [serve] [engine] [store] [learn] [restyle]. Environment
-variables override the file, nested with a double underscore:
-TUNEWHEEL_ENGINE__URL=http://gpu-node:8000, TUNEWHEEL_STORE__URL=postgresql+psycopg://...
-Paths are checked here, before an engine starts or weights load.
+One TOML file plus TUNEWHEEL_* variables, which override the file, nested with a double
+underscore (TUNEWHEEL_ENGINE__URL=http://gpu-node:8000, TUNEWHEEL_STORE__URL=postgresql+psycopg://...).
+Sections and their owners:
+    [serve] [engine]                       serve (this module)
+    [store]                                feedback (feedback/settings.py)
+    [learn] [learn.*] [restyle]            learn (learn/settings.py)
+This module only puts them together and derives the locations under the data dir; a missing
+or invalid file is a `ConfigError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from feedback.cli_common import ConfigError
+from feedback.settings import StoreSettings
+from learn.settings import LearnDirs, LearnSettings, RestyleSettings
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 
@@ -51,7 +59,7 @@ class ServeSettings(BaseModel):
     def _hashed(cls, keys: list[str]) -> list[str]:
         for k in keys:
             if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
-                raise ValueError("keys are stored hashed: put sha256 hex here (python -c 'from serve.config import hash_key; print(hash_key(\"KEY\"))')")
+                raise ValueError("keys are stored hashed: put sha256 hex here (python -c 'from serve.settings import hash_key; print(hash_key(\"KEY\"))')")
         return keys
 
 
@@ -71,63 +79,6 @@ class EngineSettings(BaseModel):
     extra_args: list[str] = Field(default_factory=list, description="More vLLM command-line flags.")
     startup_timeout_s: float = Field(300.0, description="How long to wait for the engine's /health.")
     restart_backoff_s: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0], description="Waits between restarts of a dead engine.")
-
-
-class StoreSettings(BaseModel):
-    url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data dir>/tunewheel.db. Postgres: postgresql+psycopg://...")
-
-
-class GateSettings(BaseModel):
-    min_f1_gain: float = Field(0.01, description="Promote only when candidate F1 - champion F1 >= this.")
-    max_em_drop: float = Field(0.0, description="... and champion EM - candidate EM <= this.")
-
-
-class ScheduleSettings(BaseModel):
-    cron: str | None = Field(None, description="Crontab expression for cycles, e.g. '0 3 * * *'.")
-    interval_minutes: float | None = Field(None, description="Run a cycle every N minutes (used when cron is unset).")
-    min_new_ratings: int | None = Field(None, description="Also run when this many new rated turns arrived since the last cycle.")
-    check_seconds: float = Field(60.0, description="How often the new-ratings trigger is checked.")
-
-
-class TrainSettings(BaseModel):
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    learning_rate: float = 2e-4
-    lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
-    warmup_ratio: float = 0.05
-    epochs: int = 1
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 384
-    seed: int = 0
-    train_on_inputs: Literal["true", "false", "auto"] = Field("auto", description="Loss on every token, on assistant turns only, or auto (false for chat data).")
-    qlora: bool = Field(False, description="4-bit base through bitsandbytes (CUDA only).")
-    early_stopping_patience: int = Field(1, description="Epochs without validation improvement before stopping.")
-    min_examples: int = Field(8, description="A snapshot smaller than this is too small to train on.")
-    max_steps: int | None = Field(None, description="Stop after this many optimizer steps (tests, smoke runs).")
-    threads: int | None = Field(None, description="torch CPU threads for training; default half the cores, leaving room for a CPU engine on the same machine.")
-
-
-class LearnSettings(BaseModel):
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    gate: GateSettings = Field(default_factory=GateSettings)
-    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
-    heldout_fraction: float = Field(0.1, description="Share of conversations held out by curation.")
-    heldout_file: str | None = Field(None, description="Fixed held-out eval file (learner format or CoQA JSON); default: the snapshot's held-out split.")
-    seed_files: list[str] = Field(default_factory=list, description="Operator seed datasets (chat JSONL or CoQA JSON) added to every snapshot's training data.")
-    eval_concurrency: int = Field(8, description="Requests in flight during evaluation.")
-    eval_max_tokens: int = Field(32, description="max_tokens of evaluation answers.")
-    metrics_port: int | None = Field(9464, description="`tunewheel learn schedule` serves its Prometheus metrics on this port (None: off).")
-    pii_scrub: bool = Field(True, description="Replace e-mails, phone and card numbers with placeholders during curation.")
-
-
-class RestyleSettings(BaseModel):
-    system_prompt: str = "Please, rewrite the provided text in your style:"
-    neutralise_prompt: str = "Rewrite the following text as plain, neutral prose. Keep every fact, name and number."
-    fallback: Literal["error", "raw"] = Field("error", description="On restyler failure: answer with an error, or the raw answer marked as unstyled.")
-    engine_url: str | None = Field(None, description="A separate engine for restylers.")
 
 
 class Settings(BaseSettings):
@@ -151,7 +102,11 @@ class Settings(BaseSettings):
     # Derived locations, one place for all of them.
     @property
     def store_url(self) -> str:
-        return self.store.url or f"sqlite:///{(self.data_dir / 'tunewheel.db').resolve()}"
+        return self.store.url_for(self.data_dir)
+
+    @property
+    def learn_dirs(self) -> LearnDirs:
+        return LearnDirs.under(self.data_dir)
 
     @property
     def model_dir(self) -> Path:
@@ -174,18 +129,29 @@ class Settings(BaseSettings):
         host = "127.0.0.1" if self.serve.host in ("0.0.0.0", "::") else self.serve.host
         return f"http://{host}:{self.serve.port}"
 
+    def curation(self, max_tokens: int | None = None):
+        """feedback.curate.CurationConfig from the learner's section (token limit, PII, held-out share)."""
+        return self.learn.curation(max_tokens)
+
     def base_model_path(self) -> str:
         """The model the engine and the trainer load: the prepared embedded folder or the configured one."""
         return str(self.model_dir) if self.engine.model == EMBEDDED_MODEL else self.engine.model
 
 
 def load_settings(path: str | Path | None = None, **overrides) -> Settings:
-    """Settings from a TOML file (optional) and the environment; a missing file is an error that names it."""
+    """Settings from a TOML file (optional) and the environment. A missing or invalid file is a
+    ConfigError whose one-line message names the file and what is wrong with it."""
     if path is not None and not Path(path).is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist")
     if path is not None:
         os.environ["_TUNEWHEEL_CONFIG_FILE"] = str(path)
     try:
         return Settings(**overrides)
+    except ValidationError as exc:
+        where = f"config file {path}" if path is not None else "settings (TUNEWHEEL_* environment)"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{where}: {problems}") from None
+    except ValueError as exc:  # the TOML itself does not parse
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     finally:
         os.environ.pop("_TUNEWHEEL_CONFIG_FILE", None)

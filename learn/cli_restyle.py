@@ -19,22 +19,19 @@ from typing import Annotated, Optional
 
 import typer
 
-restyle_app = typer.Typer(help="The restyler: style corpus -> (neutral -> styled) pairs -> restyler adapter.", no_args_is_help=True)
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="tunewheel TOML config.")]
+from feedback.cli_common import ConfigOption, fail, load
+
+app = typer.Typer(help="The restyler: style corpus -> (neutral -> styled) pairs -> restyler adapter.", no_args_is_help=True)
 
 
-def _settings(config):
-    from serve.config import load_settings
-
-    return load_settings(config)
-
-
-@restyle_app.command("synth")
-def synth(out: Annotated[Path, typer.Option(help="JSONL with a `text` field per line.")],
-          n: Annotated[int, typer.Option(help="Number of texts.")] = 80, seed: int = 0) -> None:
+@app.command("synth")
+def synth(ctx: typer.Context, out: Annotated[Path, typer.Option(help="JSONL with a `text` field per line.")],
+          n: Annotated[int, typer.Option(help="Number of texts.")] = 80, seed: int = 0,
+          config: ConfigOption = None) -> None:
     """Write a small corpus in the 'pirate' house style (deterministic for a seed)."""
     from learn.restyle import synth_corpus
 
+    load(ctx, config)  # nothing here depends on it, but a bad --config fails as in every command
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as fh:
         for text in synth_corpus(n, seed):
@@ -42,32 +39,30 @@ def synth(out: Annotated[Path, typer.Option(help="JSONL with a `text` field per 
     typer.echo(f"wrote {n} texts to {out}")
 
 
-@restyle_app.command("build")
-def build(style: Annotated[str, typer.Option(help="Style name (lowercase letters, digits, _).")],
+@app.command("build")
+def build(ctx: typer.Context, style: Annotated[str, typer.Option(help="Style name (lowercase letters, digits, _).")],
           texts: Annotated[Path, typer.Option(help="Folder of .txt/.md files or JSONL with a `text` field.")],
           out_dir: Annotated[Optional[Path], typer.Option(help="Default: <data dir>/datasets/restyle/<style>.")] = None,
           url: Annotated[Optional[str], typer.Option(help="Gateway URL (default: the configured one).")] = None,
           model: Annotated[str, typer.Option(help="Served model that de-styles.")] = "base",
           max_chunk_tokens: int = 200, concurrency: int = 8,
           with_params: Annotated[bool, typer.Option("--with-params", help="Ask the model for each chunk's tone and mood and put them in its system prompt (then send them as `style_params` when chatting).")] = False,
-          config: ConfigOpt = None) -> None:
+          config: ConfigOption = None) -> None:
     """Chunk the texts, de-style each chunk, write (neutral -> original) and reverse pairs."""
     from transformers import AutoTokenizer
 
     from learn.restyle import RestyleDataError, chunk_text, extract_params, neutralise, read_texts, write_pairs
 
-    settings = _settings(config)
+    settings = load(ctx, config)
     tokenizer = AutoTokenizer.from_pretrained(settings.base_model_path())
     count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     try:
         sources = list(read_texts(texts))
     except RestyleDataError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1)
+        fail(str(exc))
     chunks = [c for _, text in sources for c in chunk_text(text, count_tokens=count, max_tokens=max_chunk_tokens)]
     if not chunks:
-        typer.echo(f"error: {texts} holds no text to chunk", err=True)
-        raise typer.Exit(1)
+        fail(f"{texts} holds no text to chunk")
     started = time.perf_counter()
     target = url or settings.gateway_url
     params = asyncio.run(extract_params(chunks, url=target, model=model, concurrency=concurrency)) if with_params else None
@@ -84,20 +79,20 @@ def build(style: Annotated[str, typer.Option(help="Style name (lowercase letters
         typer.echo(f"  {name}: {path}")
 
 
-@restyle_app.command("train")
-def train(style: Annotated[str, typer.Option(help="Style whose pairs `restyle build` wrote.")],
+@app.command("train")
+def train(ctx: typer.Context, style: Annotated[str, typer.Option(help="Style whose pairs `restyle build` wrote.")],
           data_dir: Annotated[Optional[Path], typer.Option(help="Default: <data dir>/datasets/restyle/<style>.")] = None,
           url: Annotated[Optional[str], typer.Option(help="Gateway URL for scoring (default: the configured one).")] = None,
           max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps.")] = None,
           epochs: Annotated[Optional[int], typer.Option(help="Override learn.train.epochs.")] = None,
           learning_rate: Annotated[Optional[float], typer.Option(help="Override learn.train.learning_rate.")] = None,
-          min_chrf_gain: float = 1.0, max_content_drop: float = 0.1, config: ConfigOpt = None) -> None:
+          min_chrf_gain: float = 1.0, max_content_drop: float = 0.1, config: ConfigOption = None) -> None:
     """Train a restyler on the pairs, score it against the base model (chrF), gate, promote."""
     from feedback.store import make_db
     from learn.registry import Registry
     from learn.restyle_train import train_restyler
 
-    settings = _settings(config)
+    settings = load(ctx, config)
     data = data_dir or settings.datasets_dir / "restyle" / style
     overrides = {k: v for k, v in (("max_steps", max_steps), ("epochs", epochs), ("learning_rate", learning_rate)) if v is not None}
     registry = Registry(make_db(settings.store_url))
@@ -106,7 +101,3 @@ def train(style: Annotated[str, typer.Option(help="Style whose pairs `restyle bu
     typer.echo(outcome.describe())
     if outcome.error:
         raise typer.Exit(1)
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(restyle_app, name="restyle")

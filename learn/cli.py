@@ -19,24 +19,16 @@ from typing import Annotated, Optional
 
 import typer
 
-learn_app = typer.Typer(help="The learner: one cycle now, or the schedule.", no_args_is_help=True)
+from feedback.cli_common import ConfigOption, fail, load
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML config file.")]
-
-
-def _settings(config: Path | None):
-    from serve.config import load_settings
-
-    try:
-        return load_settings(config)
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+app = typer.Typer(help="The learner: one cycle now, or the schedule.", no_args_is_help=True)
 
 
-@learn_app.command("run")
+
+@app.command("run")
 def run(
-    config: ConfigOpt = None,
+    ctx: typer.Context,
+    config: ConfigOption = None,
     url: Annotated[Optional[str], typer.Option("--url", help="Gateway URL for evaluation (default: the configured gateway).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of text.")] = False,
 ) -> None:
@@ -46,34 +38,26 @@ def run(
     from learn.cycle import run_cycle
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(config)
-    from serve.metrics import observe_cycle
-
-    report = run_cycle(settings, gateway_url=url, trigger="cli", observe=observe_cycle)
+    settings = load(ctx, config)
+    report = run_cycle(settings, gateway_url=url, trigger="cli")
     typer.echo(json.dumps(report.to_dict(), indent=2, default=str) if json_out else report.text())
     if report.outcome == "failed":
         raise typer.Exit(1)
 
 
-@learn_app.command("schedule")
-def schedule(config: ConfigOpt = None) -> None:
+@app.command("schedule")
+def schedule(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Run the learner's scheduler (learn.schedule) in the foreground until Ctrl-C."""
     from prometheus_client import start_http_server
 
     from learn.scheduler import run_forever
-    from serve.metrics import observe_cycle
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(config)
+    settings = load(ctx, config)
     if settings.learn.metrics_port:
         # Prometheus scrapes the learner here (deploy/: job tunewheel-learner).
         start_http_server(settings.learn.metrics_port, addr=settings.serve.host)
     try:
-        run_forever(settings, observe=observe_cycle)
+        run_forever(settings)
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(learn_app, name="learn")
+        fail(str(exc), 2)

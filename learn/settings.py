@@ -1,0 +1,104 @@
+"""Settings owned by the learn package: `[learn]` (with `[learn.train]`, `[learn.gate]`,
+`[learn.schedule]`) and `[restyle]`.
+
+    [learn]
+    heldout_file = "heldout.json"          # the operator's held-out set (learner format or CoQA JSON)
+    [learn.train]
+    rank = 16
+    [learn.gate]
+    min_f1_gain = 0.01
+
+The top-level settings (serve/settings.py) compose these sections with the others. Functions of
+this package take the section they need and explicit paths (`LearnDirs`), never the whole
+settings object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from feedback.curate import CurationConfig
+
+
+class GateSettings(BaseModel):
+    min_f1_gain: float = Field(0.01, description="Promote only when candidate F1 - champion F1 >= this.")
+    max_em_drop: float = Field(0.0, description="... and champion EM - candidate EM <= this.")
+
+
+class ScheduleSettings(BaseModel):
+    cron: str | None = Field(None, description="Crontab expression for cycles, e.g. '0 3 * * *'.")
+    interval_minutes: float | None = Field(None, description="Run a cycle every N minutes (used when cron is unset).")
+    min_new_ratings: int | None = Field(None, description="Also run when this many new rated turns arrived since the last cycle.")
+    check_seconds: float = Field(60.0, description="How often the new-ratings trigger is checked.")
+
+
+class TrainSettings(BaseModel):
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    learning_rate: float = 2e-4
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
+    warmup_ratio: float = 0.05
+    epochs: int = 1
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 384
+    seed: int = 0
+    train_on_inputs: Literal["true", "false", "auto"] = Field("auto", description="Loss on every token, on assistant turns only, or auto (false for chat data).")
+    qlora: bool = Field(False, description="4-bit base through bitsandbytes (CUDA only).")
+    early_stopping_patience: int = Field(1, description="Epochs without validation improvement before stopping.")
+    min_examples: int = Field(8, description="A snapshot smaller than this is too small to train on.")
+    max_steps: int | None = Field(None, description="Stop after this many optimizer steps (tests, smoke runs).")
+    threads: int | None = Field(None, description="torch CPU threads for training; default half the cores, leaving room for a CPU engine on the same machine.")
+
+
+class LearnSettings(BaseModel):
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    heldout_fraction: float = Field(0.1, description="Share of conversations held out by curation.")
+    heldout_file: str | None = Field(None, description="Fixed held-out eval file (learner format or CoQA JSON); default: the snapshot's held-out split.")
+    seed_files: list[str] = Field(default_factory=list, description="Operator seed datasets (chat JSONL or CoQA JSON) added to every snapshot's training data.")
+    eval_concurrency: int = Field(8, description="Requests in flight during evaluation.")
+    eval_max_tokens: int = Field(32, description="max_tokens of evaluation answers.")
+    metrics_port: int | None = Field(9464, description="`tunewheel learn schedule` serves its Prometheus metrics on this port (None: off).")
+    pii_scrub: bool = Field(True, description="Replace e-mails, phone and card numbers with placeholders during curation.")
+
+    def curation(self, max_tokens: int | None = None) -> CurationConfig:
+        """How curation turns this learner's logs into data: token limit (default train.max_length; 0: none),
+        PII scrubbing and the held-out share."""
+        limit = self.train.max_length if max_tokens is None else max_tokens
+        return CurationConfig(max_tokens=limit or None, pii_scrub=self.pii_scrub, heldout_fraction=self.heldout_fraction)
+
+
+class RestyleSettings(BaseModel):
+    system_prompt: str = "Please, rewrite the provided text in your style:"
+    neutralise_prompt: str = "Rewrite the following text as plain, neutral prose. Keep every fact, name and number."
+    fallback: Literal["error", "raw"] = Field("error", description="On restyler failure: answer with an error, or the raw answer marked as unstyled.")
+    engine_url: str | None = Field(None, description="A separate engine for restylers.")
+
+
+@dataclass(frozen=True)
+class LearnDirs:
+    """Where the learner keeps what it makes, under the data dir."""
+
+    adapters: Path
+    """One folder per adapter version (never overwritten)."""
+    datasets: Path
+    """Snapshots (`snapshots/snap-*`), restyle pairs, imported data."""
+    runs: Path
+    """Cycle and evaluation reports."""
+
+    @classmethod
+    def under(cls, data_dir: Path) -> LearnDirs:
+        data_dir = Path(data_dir)
+        return cls(adapters=data_dir / "adapters", datasets=data_dir / "datasets", runs=data_dir / "runs")
+
+    @property
+    def snapshots(self) -> Path:
+        return self.datasets / "snapshots"
