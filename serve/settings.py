@@ -133,6 +133,11 @@ class Settings(BaseSettings):
         """feedback.curate.CurationConfig from the learner's section (token limit, PII, held-out share)."""
         return self.learn.curation(max_tokens)
 
+    @property
+    def seed_files(self) -> list[str]:
+        """The operator's seed datasets added to every snapshot (learn.seed_files)."""
+        return list(self.learn.seed_files)
+
     def base_model_path(self) -> str:
         """The model the engine and the trainer load: the prepared embedded folder or the configured one."""
         return str(self.model_dir) if self.engine.model == EMBEDDED_MODEL else self.engine.model
