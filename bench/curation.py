@@ -39,8 +39,8 @@ def generate_log(url: str, turns: int, seed: int = 0) -> int:
     from sqlalchemy import insert
 
     from feedback.coqa import SYSTEM_PROMPT
+    from feedback.db import make_db
     from feedback.models import Conversation, Turn
-    from feedback.store import make_db
     from feedback.synth import synth_record
 
     db = make_db(url)
@@ -89,8 +89,9 @@ def child(db_path: str, model: str, traced: bool) -> dict:
 
     from feedback.check import load_token_counter
     from feedback.curate import CurationConfig
-    from feedback.snapshot import build_snapshot, iter_log
-    from feedback.store import make_db
+    from feedback.db import make_db
+    from feedback.queries import iter_log
+    from feedback.snapshot import build_snapshot
 
     count_tokens = load_token_counter(model)
     db = make_db(f"sqlite:///{db_path}")

@@ -1,14 +1,19 @@
-"""Validate chat JSONL training files the way fine-tuning APIs (OpenAI, Together) do.
+"""The one chat-JSONL validator: `data check`, curation, snapshots' seed files and the trainer
+all accept and refuse the same examples, with the same line-numbered messages.
 
     tunewheel data check train.jsonl [--max-tokens 384]
     report = check_file("train.jsonl", max_tokens=384, count_tokens=load_token_counter(model_dir))
+    report.problem_lines()                       # ["train.jsonl:3: not valid JSON (...)", ...]
+    examples = read_examples("train.jsonl", max_tokens=384, count_tokens=counter)   # the trainer
+        # -> every example's messages, or ChatDataError whose message is exactly those lines
 
-One JSON object per line with `messages`: a list of `{"role", "content"}` where role is
-system|user|assistant, a system message only first, then user and assistant alternating
-(starting with user) and ending with assistant, no empty content, and the whole example
-(chat template included) within the token limit. Assistant messages may carry OpenAI's
-optional `"weight": 0|1` (0: context only, not a training target). Every problem is
-reported with its 1-based line number; the file is read as a stream.
+The rules are those of fine-tuning APIs (OpenAI, Together): one JSON object per line with
+`messages`, a list of `{"role", "content"}` where role is system|user|assistant, a system
+message only first, then user and assistant alternating (starting with user) and ending with
+assistant, no empty content, and the whole example (chat template included) within the token
+limit. Assistant messages may carry OpenAI's optional `"weight": 0|1` (0: context only, not a
+training target). Every problem is reported with its 1-based line number; the file is read as
+a stream and tokens are counted in batches.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = {"role", "content", "name", "weight"}
@@ -75,6 +81,14 @@ class Problem:
     def __str__(self) -> str:
         return f"line {self.line}: {self.message}"
 
+    def at(self, path: str | Path) -> str:
+        """The problem as `data check` prints it: `path:line: message`."""
+        return f"{path}:{self.line}: {self.message}"
+
+
+def too_long(tokens: int, limit: int) -> str:
+    return f"{tokens} tokens, more than the limit of {limit}"
+
 
 @dataclass
 class CheckReport:
@@ -100,6 +114,10 @@ class CheckReport:
         verdict = "OK" if self.ok else f"{self.bad_lines} bad line(s)"
         return (f"{self.path}: {self.examples} valid example(s), {self.messages} messages, "
                 f"{self.assistant_turns} assistant turns{tokens}; {verdict}")
+
+    def problem_lines(self) -> list[str]:
+        """Every problem as `path:line: message`, in line order: what `data check` prints."""
+        return [p.at(self.path) for p in self.problems]
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "problems"}
@@ -134,8 +152,53 @@ def iter_valid_examples(lines: Iterable[str], on_problem: Callable[[Problem], No
             yield lineno, messages
 
 
+class ChatDataError(ValueError):
+    """A chat JSONL file with problems. The message is `report.problem_lines()`, one per line."""
+
+    def __init__(self, report: CheckReport):
+        super().__init__("\n".join(report.problem_lines()))
+        self.report = report
+
+
+def within_limit(examples: Iterable[tuple[Any, list]], *, max_tokens: int | None, count_tokens: TokenCounter | None,
+                 on_too_long: Callable[[Any, int], None], batch: int = TOKEN_BATCH) -> Iterator[tuple[Any, list, int]]:
+    """(key, messages, tokens) of each example within `max_tokens`; `on_too_long(key, tokens)` for
+    the others. Without a limit or a counter nothing is dropped and every count is 0."""
+    limit = max_tokens if count_tokens else None
+    pending: list[tuple[Any, list]] = []
+
+    def flush() -> Iterator[tuple[Any, list, int]]:
+        counts = count_tokens([m for _, m in pending]) if limit else [0] * len(pending)
+        for (key, messages), n in zip(pending, counts):
+            if limit and n > limit:
+                on_too_long(key, n)
+            else:
+                yield key, messages, n
+        pending.clear()
+
+    for example in examples:
+        pending.append(example)
+        if len(pending) >= batch:
+            yield from flush()
+    yield from flush()
+
+
 def check_file(path: str | Path, *, max_tokens: int | None = None, count_tokens: TokenCounter | None = None) -> CheckReport:
     """Validate a chat JSONL file. Token limits are checked only with both `max_tokens` and `count_tokens`."""
+    return _scan(path, max_tokens, count_tokens, keep=None)
+
+
+def read_examples(path: str | Path, *, max_tokens: int | None = None, count_tokens: TokenCounter | None = None) -> list[list[dict]]:
+    """Every example's messages of a chat JSONL file that `check_file` passes, read in the same
+    single pass; ChatDataError (the problems as `data check` prints them) otherwise."""
+    examples: list[list[dict]] = []
+    report = _scan(path, max_tokens, count_tokens, keep=examples)
+    if not report.ok:
+        raise ChatDataError(report)
+    return examples
+
+
+def _scan(path: str | Path, max_tokens: int | None, count_tokens: TokenCounter | None, keep: list | None) -> CheckReport:
     report = CheckReport(path=str(path), max_tokens=max_tokens if count_tokens else None)
     bad: set[int] = set()
 
@@ -143,26 +206,19 @@ def check_file(path: str | Path, *, max_tokens: int | None = None, count_tokens:
         report.problems.append(p)
         bad.add(p.line)
 
-    def flush(batch: list[tuple[int, list]]) -> None:
-        counts = count_tokens([m for _, m in batch]) if report.max_tokens else [0] * len(batch)
-        for (lineno, messages), n in zip(batch, counts):
-            if report.max_tokens and n > report.max_tokens:
-                problem(Problem(lineno, f"{n} tokens, more than the limit of {report.max_tokens}"))
-                continue
+    def drop(lineno: int, n: int) -> None:
+        problem(Problem(lineno, too_long(n, report.max_tokens)))
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        valid = iter_valid_examples(_counted(f, report), problem)
+        for _, messages, n in within_limit(valid, max_tokens=report.max_tokens, count_tokens=count_tokens, on_too_long=drop):
             report.examples += 1
             report.messages += len(messages)
             report.assistant_turns += sum(1 for m in messages if m["role"] == "assistant")
             report.tokens += n
             report.max_example_tokens = max(report.max_example_tokens, n)
-        batch.clear()
-
-    with open(path, encoding="utf-8", errors="replace") as f:
-        batch: list[tuple[int, list]] = []
-        for lineno, messages in iter_valid_examples(_counted(f, report), problem):
-            batch.append((lineno, messages))
-            if len(batch) >= TOKEN_BATCH:
-                flush(batch)
-        flush(batch)
+            if keep is not None:
+                keep.append(messages)
     report.problems.sort(key=lambda p: p.line)
     report.bad_lines = len(bad)
     return report

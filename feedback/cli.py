@@ -6,9 +6,13 @@
     tunewheel data import-coqa coqa-dev-v1.0.json [--out-dir DIR] [--on-error skip|fail]
     tunewheel data synth-coqa --stories 100 --seed 0 [--variant A|B] [--out train.json]
 
-`check` exits 1 when any line is bad, listing every problem with its line number. The token
-limit defaults to learn.train.max_length, counted with the base model's tokenizer and chat
-template; `--max-tokens 0` turns it off.
+`check` exits 1 when any line is bad, listing every problem as `FILE:LINE: message` (the lines
+the trainer refuses a file with). The token limit defaults to learn.train.max_length, counted
+with the base model's tokenizer and chat template; `--max-tokens 0` turns it off.
+
+From the composed settings these commands read only `store_url`, `datasets_dir`, `seed_files`,
+`curation(max_tokens)` (the curation config, token limit included) and `base_model_path()`
+(whose tokenizer counts tokens).
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ SinceOpt = Annotated[Optional[datetime], typer.Option("--since", help="Only turn
 UntilOpt = Annotated[Optional[datetime], typer.Option("--until", help="Only turns created before this time (UTC).")]
 
 
-def _token_counter(settings, max_tokens: int):
-    """The base model's token counter, or None when the limit is off."""
-    if max_tokens <= 0:
+def _token_counter(model: str, max_tokens: int | None):
+    """The token counter of `model`, or None when the limit is off."""
+    if not max_tokens:
         return None
     from feedback.check import load_token_counter
 
-    return load_token_counter(settings.base_model_path())
+    return load_token_counter(model)
 
 
 @app.command("export")
@@ -48,13 +52,14 @@ def export(
     config: ConfigOption = None,
 ) -> None:
     """Curated chat JSONL of the store: each up-rated answer as the target after its conversation."""
-    from feedback.snapshot import export_jsonl, iter_log
-    from feedback.store import make_db
+    from feedback.db import make_db
+    from feedback.queries import iter_log
+    from feedback.snapshot import export_jsonl
 
     settings = load(ctx, config)
     cfg = settings.curation(max_tokens)
     try:
-        counter = _token_counter(settings, cfg.max_tokens or 0)
+        counter = _token_counter(settings.base_model_path(), cfg.max_tokens)
     except FileNotFoundError as exc:
         fail(str(exc))
     counts = export_jsonl(iter_log(make_db(settings.store_url), since=since, until=until), out, config=cfg, count_tokens=counter)
@@ -79,18 +84,18 @@ def check(
     settings = load(ctx, config)
     if not file.is_file():
         fail(f"{file} does not exist")
-    limit = settings.curation(max_tokens).max_tokens or 0
+    limit = settings.curation(max_tokens).max_tokens
     try:
-        counter = _token_counter(settings, limit)
+        counter = _token_counter(settings.base_model_path(), limit)
     except FileNotFoundError as exc:
         typer.echo(f"warning: token limit not checked: {exc}", err=True)
         counter = None
-    report = check_file(file, max_tokens=limit or None, count_tokens=counter)
+    report = check_file(file, max_tokens=limit, count_tokens=counter)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        for problem in report.problems:
-            typer.echo(f"{file}:{problem.line}: {problem.message}")
+        for line in report.problem_lines():
+            typer.echo(line)
         typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(1)
@@ -105,11 +110,14 @@ def curate_command(
     config: ConfigOption = None,
 ) -> None:
     """Curate the turn log into a new immutable snapshot and print its manifest."""
+    from feedback.db import make_db
     from feedback.snapshot import create_snapshot
 
     settings = load(ctx, config)
     try:
-        snap = create_snapshot(settings, since=since, until=until, max_tokens=max_tokens)
+        snap = create_snapshot(make_db(settings.store_url), root=settings.datasets_dir / "snapshots",
+                               config=settings.curation(max_tokens), seed_files=settings.seed_files,
+                               tokenizer=settings.base_model_path(), since=since, until=until)
     except FileNotFoundError as exc:
         fail(str(exc))
     typer.echo(json.dumps(snap.manifest, indent=2, ensure_ascii=False))

@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Any
 
 from feedback.check import TokenCounter, validate_messages
-from feedback.store import text_of
+from feedback.conversations import text_of
 
 FILTERS = ("empty_answer", "invalid", "exact_duplicate", "normalized_duplicate", "too_long")
 

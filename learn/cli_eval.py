@@ -68,7 +68,7 @@ def eval_command(
 
 
 def _registry(ctx: typer.Context, config: Path | None):
-    from feedback.store import make_db
+    from feedback.db import make_db
     from learn.registry import Registry
 
     return Registry(make_db(load(ctx, config).store_url))

@@ -88,7 +88,7 @@ def train(ctx: typer.Context, style: Annotated[str, typer.Option(help="Style who
           learning_rate: Annotated[Optional[float], typer.Option(help="Override learn.train.learning_rate.")] = None,
           min_chrf_gain: float = 1.0, max_content_drop: float = 0.1, config: ConfigOption = None) -> None:
     """Train a restyler on the pairs, score it against the base model (chrF), gate, promote."""
-    from feedback.store import make_db
+    from feedback.db import make_db
     from learn.registry import Registry
     from learn.restyle_train import train_restyler
 

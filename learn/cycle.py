@@ -39,6 +39,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel
 
 from feedback.models import utcnow
+from feedback.queries import rated_turns
 
 log = logging.getLogger("tunewheel.learn")
 
@@ -189,7 +190,7 @@ def run_cycle(settings, *, gateway_url: str | None = None, reconcile: Callable[[
     poll the registry anyway). `api_key`: bearer key for the gateway when it requires one
     (default: the environment variable TUNEWHEEL_API_KEY). `observe`: called with the finished
     report (serve.metrics.observe_cycle exports it to Prometheus; learn does not import serve)."""
-    from feedback.store import make_db
+    from feedback.db import make_db
 
     db = db or make_db(settings.store_url)
     api_key = api_key or os.environ.get("TUNEWHEEL_API_KEY")
@@ -215,7 +216,7 @@ def _run_locked(settings, db: Engine, gateway_url: str, reconcile, trigger: str,
     registry = Registry(db)
     report = CycleReport(trigger=trigger, started_at=utcnow().isoformat(timespec="seconds"))
     with Session(db) as s:
-        row = LearnerCycle(trigger=trigger, rated_turns=_rated_turns(s))
+        row = LearnerCycle(trigger=trigger, rated_turns=rated_turns(db))
         s.add(row)
         s.commit()
         report.id = row.id
@@ -247,7 +248,8 @@ def _steps(settings, registry, report: CycleReport, gateway_url: str, reconcile,
     champion_model = f"chat@{champion.name}" if champion else "base"
 
     t0 = time.perf_counter()
-    snap = create_snapshot(settings, db=registry.db)
+    snap = create_snapshot(registry.db, root=settings.datasets_dir / "snapshots", config=settings.curation(),
+                           seed_files=settings.seed_files, tokenizer=settings.base_model_path())
     counts = snap.manifest["counts"]
     heldout_file = Path(settings.learn.heldout_file) if settings.learn.heldout_file else snap.path / "heldout_eval.jsonl"
     items = load_heldout(heldout_file) if heldout_file.is_file() and heldout_file.stat().st_size else []
@@ -308,14 +310,6 @@ def _reject_after_failure(registry, report: CycleReport) -> None:
             registry.reject(report.version, report.gate, metrics={"train": report.train}, error=report.error)
     except Exception:
         log.exception("could not mark %s rejected after the failed cycle", report.version)
-
-
-def _rated_turns(session: Session) -> int:
-    from sqlalchemy import func, select
-
-    from feedback.models import Turn
-
-    return session.exec(select(func.count()).select_from(Turn).where(Turn.rating.is_not(None))).scalar_one()
 
 
 def _finish_row(db: Engine, report: CycleReport) -> None:

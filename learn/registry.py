@@ -1,6 +1,6 @@
 """The adapter registry: immutable versions, their state and lineage, the `prod` pointer, rollback.
 
-    from feedback.store import make_db
+    from feedback.db import make_db
     from learn.registry import Registry
     reg = Registry(make_db(settings.store_url))
     name = reg.new_version_name("chat")                 # "chat-v0001", never handed out twice

@@ -22,8 +22,7 @@ import signal
 import threading
 from typing import Any, Callable
 
-from sqlalchemy import Engine, func, select
-from sqlmodel import Session
+from sqlalchemy import Engine
 
 log = logging.getLogger("tunewheel.learn")
 
@@ -32,15 +31,11 @@ MISFIRE_GRACE_S = 3600
 
 def new_rated_turns(db: Engine) -> int:
     """Turns rated since the last cycle started (all rated turns before the first cycle)."""
-    from feedback.models import Turn
+    from feedback.queries import rated_turns
     from learn.cycle import last_cycle
 
     last = last_cycle(db)
-    q = select(func.count()).select_from(Turn).where(Turn.rating.is_not(None))
-    if last is not None:
-        q = q.where(Turn.rated_at > last.started_at)
-    with Session(db) as s:
-        return s.exec(q).scalar_one()
+    return rated_turns(db, since=last.started_at if last is not None else None)
 
 
 class Learner:
@@ -48,7 +43,7 @@ class Learner:
 
     def __init__(self, settings, *, db: Engine | None = None, reconcile: Callable[[], Any] | None = None,
                  run: Callable[..., Any] | None = None, observe: Callable[[Any], Any] | None = None):
-        from feedback.store import make_db
+        from feedback.db import make_db
         from learn.cycle import run_cycle
 
         self.settings = settings

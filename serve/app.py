@@ -32,14 +32,16 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlmodel import Session
 
-from feedback.models import Turn
-from feedback.store import TurnWriter, make_db, record_feedback
+from feedback.db import make_db
+from feedback.models import FeedbackCreate, FeedbackPublic, Turn
+from feedback.queries import record_feedback
+from feedback.writer import TurnWriter
 from serve import admin, metrics
 from serve.aliases import AliasTable
 from serve.auth import Auth, CallerDep
 from serve.chat import ChatService
 from serve.settings import Settings
-from serve.protocol import APIError, ChatCompletionRequest, FeedbackRequest, model_card, not_ready, validation_error
+from serve.protocol import APIError, ChatCompletionRequest, model_card, not_ready, validation_error
 
 FEEDBACK_WAIT_S = 10.0  # how long a rating waits for its turn to reach the database
 
@@ -159,19 +161,18 @@ def create_app(settings: Settings, *, engine: Any = None, writer: TurnWriter | N
     @app.post("/v1/feedback", status_code=201)
     async def feedback(request: Request, caller: CallerDep) -> JSONResponse:
         try:
-            rating = FeedbackRequest.model_validate(await read_json(request, limit))
+            rating = FeedbackCreate.model_validate(await read_json(request, limit))
         except ValidationError as exc:
             raise validation_error(exc) from exc
         state = request.app.state
         await state.writer.wait_written(rating.completion_id, FEEDBACK_WAIT_S)
 
-        def store() -> tuple[dict[str, Any], str]:
+        def store() -> tuple[FeedbackPublic, str]:
             with Session(state.db) as session:
                 fb = record_feedback(session, turn_id=rating.completion_id, rating=rating.rating, comment=rating.comment,
                                      key_hash=caller.key_hash, admin=caller.admin)
                 version = session.get(Turn, fb.turn_id).adapter_version
-                return {"id": fb.id, "object": "feedback", "completion_id": fb.turn_id, "rating": fb.rating,
-                        "comment": fb.comment, "created_at": fb.created_at.isoformat()}, version
+                return FeedbackPublic.of(fb), version
 
         try:
             record, version = await asyncio.to_thread(store)
@@ -182,7 +183,7 @@ def create_app(settings: Settings, *, engine: Any = None, writer: TurnWriter | N
             raise APIError(403, "this completion was answered for another API key", type="permission_error",
                            code="forbidden", param="completion_id") from exc
         metrics.FEEDBACK.labels(version=version, rating=rating.rating).inc()
-        return JSONResponse(record, status_code=201)
+        return JSONResponse(record.model_dump(mode="json"), status_code=201)
 
     @app.get("/v1/models")
     async def models(request: Request, caller: CallerDep) -> dict[str, Any]:

@@ -14,7 +14,7 @@ names the engine model that answered (`base` or an adapter version). Streams alw
 usage so the log has token counts, but the usage chunk reaches the client only if it asked for
 it (`stream_options.include_usage`).
 
-Each answered request becomes one `TurnRecord`, handed to the turn writer after the answer: a
+Each answered request becomes one `TurnCreate`, handed to the turn writer after the answer: a
 stream when it ends, with status `incomplete` and the partial answer when the client left early,
 `error` when the engine broke off. Requests refused before an answer (unknown model, engine not
 ready, an engine error status) are not turns and write nothing. Non-streamed answers have no
@@ -34,7 +34,7 @@ import anyio
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from feedback.store import TurnRecord
+from feedback.models import TurnCreate
 from serve.aliases import AliasTable, Lease
 from serve.auth import Caller
 from serve.metrics import COMPLETION_TOKENS, IN_FLIGHT, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT
@@ -314,7 +314,7 @@ class ChatService:
             PROMPT_TOKENS.labels(alias=alias, version=version).inc(prompt_tokens)
         if completion_tokens:
             COMPLETION_TOKENS.labels(alias=alias, version=version).inc(completion_tokens)
-        record = TurnRecord(**turn, answer=answer, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+        record = TurnCreate(**turn, answer=answer, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens, latency_ms=1000 * latency,
                             ttft_ms=None if ttft is None else 1000 * ttft, status=status)
         try:

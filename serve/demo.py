@@ -130,8 +130,9 @@ def three_turns(url: str, settings) -> None:
     import openai
     from sqlmodel import Session
 
+    from feedback.db import make_db
     from feedback.models import Turn
-    from feedback.store import conversation_turns, make_db
+    from feedback.queries import conversation_turns
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="demo")
     messages = [{"role": "system", "content": "You are a helpful assistant. Answer in one short sentence."}]

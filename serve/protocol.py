@@ -1,7 +1,6 @@
 """Request models and error shapes of the gateway's OpenAI-compatible API.
 
     ChatCompletionRequest.model_validate(body)   # raises pydantic.ValidationError -> 422
-    FeedbackRequest.model_validate(body)
     raise APIError(404, "...", type="not_found_error", code="model_not_found")
 
 The gateway validates what it must understand itself (model, messages, stream options) and
@@ -142,14 +141,6 @@ GATEWAY_ONLY = ("style", "style_params")
 def sampling_params(body: dict[str, Any]) -> dict[str, Any]:
     """The request's sampling parameters as the client sent them, for the turn log."""
     return {k: v for k, v in body.items() if k not in NOT_PARAMS}
-
-
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    completion_id: str = Field(min_length=1, max_length=64)
-    rating: Literal["up", "down"]
-    comment: str | None = Field(None, max_length=10_000)
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:

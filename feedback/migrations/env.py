@@ -1,6 +1,6 @@
 """Alembic environment of the turn log (and of every table that shares its database).
 
-Run through `feedback.store.make_db(url)` (or `feedback.store.migrate(engine)`), which builds the
+Run through `feedback.db.make_db(url)` (or `feedback.db.migrate(engine)`), which builds the
 Alembic config in code, hands over an open connection in `config.attributes["connection"]` and
 holds a lock so two processes never migrate at once. There is no alembic.ini. To write a new
 migration, copy 0001_turn_log.py: revision ids are plain strings ("0002", ...), and scripts use
@@ -27,7 +27,7 @@ def run_migrations(connection) -> None:
 
 
 if context.is_offline_mode():
-    raise SystemExit("tunewheel migrations run online only: use feedback.store.make_db(url)")
+    raise SystemExit("tunewheel migrations run online only: use feedback.db.make_db(url)")
 
 connection = config.attributes.get("connection")
 if connection is not None:

@@ -1,4 +1,5 @@
-"""`data check` on broken chat JSONL files: every problem with its line number, non-zero exit.
+"""The one chat-JSONL validator: `data check` on broken files (every problem with its line number,
+non-zero exit), and the trainer's `read_examples` refusing the same file with the same lines.
 
     pytest tests/feedback/test_check.py
 """
@@ -7,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from feedback.check import check_file, load_token_counter, validate_messages
+from feedback.check import ChatDataError, check_file, load_token_counter, read_examples, validate_messages
 from serve.cli import app as tunewheel_app
 
 MODEL = Path(__file__).resolve().parents[2] / ".pytest-data" / "models" / "SmolLM2-135M-Instruct"
@@ -105,3 +107,50 @@ def test_real_tokenizer_counts_the_chat_template():
     examples = [GOOD["messages"], GOOD["messages"][1:], [{"role": "user", "content": "Where is Oakdale?"}, {"role": "assistant", "content": "in the north"}]]
     expected = [len(tok.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]) for m in examples]
     assert count(examples) == expected
+
+
+def printed_problems(output: str, path: Path) -> list[str]:
+    """The `path:line: message` lines of `data check`'s output (not its summary)."""
+    return [ln for ln in output.splitlines() if re.match(rf"{re.escape(str(path))}:\d+: ", ln)]
+
+
+def test_the_trainer_is_refused_with_exactly_the_lines_data_check_prints(broken_file):
+    result = CliRunner().invoke(tunewheel_app, ["data", "check", str(broken_file), "--max-tokens", "0"])
+    with pytest.raises(ChatDataError) as refused:
+        read_examples(broken_file)
+    assert str(refused.value).splitlines() == printed_problems(result.output, broken_file)
+    assert len(str(refused.value).splitlines()) == len(BROKEN)
+    assert refused.value.report.bad_lines == len(BROKEN)
+
+
+def test_a_file_data_check_accepts_gives_the_trainer_every_example(tmp_path):
+    path = tmp_path / "good.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + line(("user", "q"), ("assistant", "a")) + "\n")
+    assert CliRunner().invoke(tunewheel_app, ["data", "check", str(path), "--max-tokens", "0"]).exit_code == 0
+    assert read_examples(path) == [GOOD["messages"], [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+
+
+def test_token_limit_refuses_the_same_lines_in_check_and_trainer(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(line(("user", "short"), ("assistant", "ok")) + "\n" + line(("user", "long " * 30), ("assistant", "ok")) + "\n")
+    words = lambda batch: [sum(len(m["content"].split()) for m in msgs) for msgs in batch]  # noqa: E731
+    with pytest.raises(ChatDataError) as refused:
+        read_examples(path, max_tokens=10, count_tokens=words)
+    assert str(refused.value) == f"{path}:2: 31 tokens, more than the limit of 10"
+    assert check_file(path, max_tokens=10, count_tokens=words).problem_lines() == [str(refused.value)]
+    assert len(read_examples(path, max_tokens=100, count_tokens=words)) == 2
+
+
+@pytest.mark.skipif(not MODEL.is_dir(), reason="the prepared SmolLM2 model is not there")
+def test_real_tokenizer_limit_gives_the_same_lines_in_check_and_trainer(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([json.dumps(GOOD), line(("user", "tell me " * 200), ("assistant", "no")), "{oops"]) + "\n")
+    config = tmp_path / "tunewheel.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[engine]\nmodel = "{MODEL}"\n[learn.train]\nmax_length = 64\n')
+    result = CliRunner().invoke(tunewheel_app, ["data", "check", str(path), "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    with pytest.raises(ChatDataError) as refused:
+        read_examples(path, max_tokens=64, count_tokens=load_token_counter(MODEL))
+    lines = str(refused.value).splitlines()
+    assert lines == printed_problems(result.output, path)
+    assert [ln.split(":")[1] for ln in lines] == ["2", "3"] and "more than the limit of 64" in lines[0]

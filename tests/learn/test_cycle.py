@@ -21,7 +21,7 @@ from sqlmodel import Session, select
 import feedback.check
 import learn.evaluate
 import learn.train
-from feedback.store import make_db
+from feedback.db import make_db
 from learn.cycle import CycleLock, LearnerCycle, run_cycle
 from learn.evaluate import EvalReport
 from learn.registry import Registry

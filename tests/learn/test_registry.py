@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session
 
-from feedback.store import make_db
+from feedback.db import make_db
 from learn.registry import AdapterMissing, AdapterVersion, Registry, RegistryError, VersionNotFound
 
 

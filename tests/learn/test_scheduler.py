@@ -16,7 +16,7 @@ import pytest
 from sqlmodel import Session
 
 from feedback.models import Conversation, Turn, utcnow
-from feedback.store import make_db
+from feedback.db import make_db
 from learn.cycle import LearnerCycle
 from learn.scheduler import Learner, build_scheduler, new_rated_turns, run_forever
 from serve.settings import load_settings

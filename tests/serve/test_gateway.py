@@ -407,7 +407,7 @@ def test_serve_command_answers_then_stops_cleanly_on_sigterm(fake_engine_url, tm
     finally:
         if proc.poll() is None:
             proc.kill()
-    from feedback.store import make_db
+    from feedback.db import make_db
 
     with Session(make_db(f"sqlite:///{tmp_path / 'tunewheel.db'}")) as s:
         assert s.get(Turn, r.json()["id"]).answer == "A canned answer."

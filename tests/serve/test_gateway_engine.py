@@ -17,7 +17,7 @@ import pytest
 from sqlmodel import Session, select
 
 from feedback.models import Turn
-from feedback.store import conversation_turns
+from feedback.queries import conversation_turns
 from serve.settings import hash_key
 
 pytestmark = pytest.mark.engine

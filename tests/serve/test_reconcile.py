@@ -17,7 +17,7 @@ import logging
 import httpx
 import pytest
 
-from feedback.store import make_db
+from feedback.db import make_db
 from learn.registry import Registry
 from serve.aliases import AliasTable
 from serve.settings import load_settings

@@ -3,7 +3,7 @@
 Revision ID: 0001
 Revises: (none)
 
-Mirrors feedback/models.py as it was when written; tests/feedback/test_store.py compares the
+Mirrors feedback/models.py as it was when written; tests/feedback/test_db.py compares the
 migrated schema with the models so the two cannot drift apart unnoticed.
 """
 

@@ -1,7 +1,7 @@
 """The adapter registry's tables: versions, the prod pointers, the pointer history.
 
 Mirrors learn/registry.py (AdapterVersion, AliasPointer, AliasHistory); applied by
-`feedback.store.make_db` (alembic upgrade head). Written out with op.create_table so that
+`feedback.db.make_db` (alembic upgrade head). Written out with op.create_table so that
 the migration never depends on the models as they change later.
 
 Revision ID: 0002

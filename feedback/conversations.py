@@ -1,0 +1,89 @@
+"""Conversation threading: which conversation a new turn belongs to, and its place in it.
+
+    with Session(db) as session:
+        turn = add_turn(session, TurnCreate(...))    # threaded, numbered, added (not committed)
+        session.commit()
+
+A turn's `thread_hash` is the hash of its request messages plus its answer. A client that
+continues a conversation sends those messages again followed by the new question, so the new
+request's messages up to its last assistant message hash to the earlier turn's `thread_hash`.
+A client may instead name its conversation with the `x-conversation-id` header, which wins.
+Threads are only joined between turns of the same API key, so one user never lands in another's
+conversation by repeating the same words. `seq` is the number of turns the conversation already
+had; two gateway replicas writing to one conversation at the same instant may give two turns the
+same seq, which readers order by created_at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from feedback.models import Conversation, Turn, TurnCreate
+
+log = logging.getLogger(__name__)
+
+
+def text_of(content: Any) -> str:
+    """Message content as text: OpenAI content parts are joined; None (tool calls) is empty."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
+
+
+def thread_hash(messages: list[dict[str, Any]]) -> str:
+    """sha256 hex of the (role, content) list; surrounding whitespace and extra fields don't count."""
+    norm = [[str(m.get("role", "")), text_of(m.get("content")).strip()] for m in messages]
+    return hashlib.sha256(json.dumps(norm, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
+def _prefix_hash(messages: list[dict[str, Any]]) -> str | None:
+    """Hash of the messages up to and including the last assistant message, or None without one."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    return None if last is None else thread_hash(messages[: last + 1])
+
+
+def conversation_for(session: Session, turn: TurnCreate) -> str:
+    """The id of `turn`'s conversation: the client's, the one its messages continue, or a new one
+    (added to `session`)."""
+    if turn.conversation_id:
+        cid = turn.conversation_id
+        if len(cid) > 64:  # the column holds 64 characters; a longer client id still threads
+            cid = hashlib.sha256(cid.encode()).hexdigest()
+        if session.get(Conversation, cid) is None:
+            session.add(Conversation(id=cid, created_at=turn.created_at, key_hash=turn.key_hash))
+        return cid
+    prefix = _prefix_hash(turn.request_messages)
+    if prefix is not None:
+        same_key = Turn.key_hash == turn.key_hash if turn.key_hash is not None else Turn.key_hash.is_(None)
+        q = select(Turn.conversation_id).where(Turn.thread_hash == prefix, same_key)
+        found = session.exec(q.order_by(Turn.created_at.desc()).limit(1)).first()
+        if found is not None:
+            return found
+    cid = uuid.uuid4().hex
+    session.add(Conversation(id=cid, created_at=turn.created_at, key_hash=turn.key_hash))
+    return cid
+
+
+def add_turn(session: Session, turn: TurnCreate) -> Turn | None:
+    """Thread `turn` into its conversation and add it to `session` (flushed, not committed).
+    Returns None, adding nothing, when a turn with this id is already stored."""
+    if session.get(Turn, turn.id) is not None:
+        log.warning("turn %s is already stored; the repeated one is dropped", turn.id)
+        return None
+    cid = conversation_for(session, turn)
+    session.flush()
+    seq = session.exec(select(func.count()).select_from(Turn).where(Turn.conversation_id == cid)).one()
+    answered = [*turn.request_messages, {"role": "assistant", "content": turn.answer}]
+    row = Turn.model_validate(turn, update={"conversation_id": cid, "seq": seq, "thread_hash": thread_hash(answered)})
+    session.add(row)
+    session.flush()
+    return row
