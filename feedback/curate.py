@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from feedback.check import TokenCounter, validate_messages
+from feedback.check import TokenCounter, validate_messages, within_limit
 from feedback.conversations import text_of
 
 FILTERS = ("empty_answer", "invalid", "exact_duplicate", "normalized_duplicate", "too_long")
@@ -304,69 +304,86 @@ class _Memo:
         return _digest((m["role"], self.normalize(m["content"])) for m in messages)
 
 
+class _Candidates:
+    """Turns -> (held out?, messages) of each SFT example that passes every filter but the token
+    limit (which needs batches); preference rows go to their sinks on the way."""
+
+    def __init__(self, db: sqlite3.Connection, config: CurationConfig, counts: CurationCounts, sinks: Sinks):
+        self.config, self.counts, self.sinks = config, counts, sinks
+        self.exact, self.normalized, self.prefs = DiskSet(db, "exact"), DiskSet(db, "normalized"), PairIndex(db)
+        self.pii: Counter = Counter()
+        self.window: list = [None, None]
+
+    def __call__(self, rows: Iterable[Any]) -> Iterator[tuple[bool, list[dict]]]:
+        for turns in group_conversations(rows):
+            self.counts.conversations += 1
+            held = is_heldout(get(turns[0], "conversation_id"), self.config.heldout_fraction)
+            memo = _Memo(self.pii, self.config.pii_scrub)
+            for turn in turns:
+                _count_turn(turn, self.counts, self.window)
+                if not held:
+                    self._preference(turn, memo)
+                msgs = self._example(turn, memo)
+                if msgs is not None:
+                    yield held, msgs
+
+    def _preference(self, turn: Any, memo: _Memo) -> None:
+        row = preference_row(turn)
+        if row is None:
+            return
+        row["prompt"] = memo.scrub_messages(row["prompt"], count=False)  # counted once, on the SFT examples
+        row["completion"] = memo.scrub_messages(row["completion"], count=False)
+        self.counts.preferences += 1
+        self.sinks.preference(row)
+        self.prefs.add(row)
+
+    def _example(self, turn: Any, memo: _Memo) -> list[dict] | None:
+        msgs = sft_example(turn)
+        if msgs is None:
+            return None
+        removed = self.counts.removed
+        self.counts.candidates += 1
+        if not msgs[-1]["content"].strip():
+            removed["empty_answer"] += 1
+            return None
+        msgs = memo.scrub_messages(msgs)
+        if validate_messages(msgs):
+            removed["invalid"] += 1
+        elif not self.exact.add(exact_key(msgs)):
+            removed["exact_duplicate"] += 1
+        elif not self.normalized.add(memo.normalized_key(msgs)):
+            removed["normalized_duplicate"] += 1
+        else:
+            return msgs
+        return None
+
+
 def curate(rows: Iterable[Any], *, config: CurationConfig, count_tokens: TokenCounter | None, sinks: Sinks) -> CurationCounts:
     """Stream turns (ordered by conversation_id, seq) through every curation step into `sinks`."""
     counts = CurationCounts()
-    pii: Counter = Counter()
-    window: list = [None, None]
     db = sqlite3.connect("")  # private temporary on-disk database, removed on close
     db.execute("PRAGMA journal_mode=OFF")
-    exact, normalized, prefs = DiskSet(db, "exact"), DiskSet(db, "normalized"), PairIndex(db)
-    pending: list[tuple[bool, list[dict]]] = []
+    try:
+        candidates = _Candidates(db, config, counts, sinks)
 
-    def flush() -> None:
-        if config.max_tokens and count_tokens:
-            lengths = count_tokens([msgs for _, msgs in pending])
-        else:
-            lengths = [0] * len(pending)
-        for (held, msgs), n in zip(pending, lengths):
-            if config.max_tokens and n > config.max_tokens:
-                counts.removed["too_long"] += 1
-            elif held:
+        def too_long(_held: bool, _tokens: int) -> None:
+            counts.removed["too_long"] += 1
+
+        # The token limit of the validator (feedback/check.py), so curated data passes `data check`.
+        for held, msgs, _ in within_limit(candidates(rows), max_tokens=config.max_tokens, count_tokens=count_tokens,
+                                          on_too_long=too_long, batch=config.token_batch):
+            if held:
                 counts.heldout += 1
                 sinks.heldout({"messages": msgs})
             else:
                 counts.train += 1
                 sinks.train({"messages": msgs})
-        pending.clear()
-
-    try:
-        for turns in group_conversations(rows):
-            counts.conversations += 1
-            held = is_heldout(get(turns[0], "conversation_id"), config.heldout_fraction)
-            memo = _Memo(pii, config.pii_scrub)
-            for turn in turns:
-                _count_turn(turn, counts, window)
-                if not held and (row := preference_row(turn)) is not None:
-                    row["prompt"] = memo.scrub_messages(row["prompt"], count=False)  # counted once, on the SFT examples
-                    row["completion"] = memo.scrub_messages(row["completion"], count=False)
-                    counts.preferences += 1
-                    sinks.preference(row)
-                    prefs.add(row)
-                msgs = sft_example(turn)
-                if msgs is None:
-                    continue
-                counts.candidates += 1
-                if not msgs[-1]["content"].strip():
-                    counts.removed["empty_answer"] += 1
-                    continue
-                msgs = memo.scrub_messages(msgs)
-                if validate_messages(msgs):
-                    counts.removed["invalid"] += 1
-                elif not exact.add(exact_key(msgs)):
-                    counts.removed["exact_duplicate"] += 1
-                elif not normalized.add(memo.normalized_key(msgs)):
-                    counts.removed["normalized_duplicate"] += 1
-                else:
-                    pending.append((held, msgs))
-                    if len(pending) >= config.token_batch:
-                        flush()
-        flush()
-        for pair in prefs.pairs():
+        for pair in candidates.prefs.pairs():
             counts.preference_pairs += 1
             sinks.pair(pair)
     finally:
         db.close()
-    counts.pii.update(pii)
+    counts.pii.update(candidates.pii)
+    window = candidates.window
     counts.first_turn_at, counts.last_turn_at = (at.isoformat() if isinstance(at, datetime) else at for at in window)
     return counts
