@@ -234,10 +234,11 @@ def load_token_counter(model_path: str | Path) -> TokenCounter:
     """Token counts with the model's own tokenizer and chat template, batch-encoded for speed.
 
     Applying the Jinja chat template to every example is slow, so the template's cost is
-    measured once: per-message overhead, plus the default system prompt the template inserts
-    when an example has none. Contents are then batch-encoded and the overheads added; the
-    special tokens around each message keep this equal to the templated count (give or take
-    a token where a content starts with whitespace).
+    measured once: the tokens around a message of each role (they differ: "assistant" is two
+    tokens in SmolLM2's vocabulary, "user" one), plus the system message's, or the default
+    system prompt the template inserts when an example has none. Contents are then
+    batch-encoded and the overheads added; the special tokens around each message keep this
+    equal to the templated count (give or take a token where a content starts with whitespace).
     """
     from transformers import AutoTokenizer
 
@@ -256,10 +257,12 @@ def load_token_counter(model_path: str | Path) -> TokenCounter:
     def plain(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
-    u, a, s = {"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}, {"role": "system", "content": "story"}
-    per_message = templated([u, a]) - templated([u]) - plain("world")
-    with_system = templated([s, u]) - plain("story") - plain("hello") - 2 * per_message
-    without_system = templated([u]) - plain("hello") - per_message
+    s, u, a = {"role": "system", "content": "story"}, {"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}
+    u2 = {"role": "user", "content": "again"}
+    overhead = {"assistant": templated([u, a]) - templated([u]) - plain("world"),
+                "user": templated([u, a, u2]) - templated([u, a]) - plain("again")}
+    with_system = templated([s, u]) - plain("story") - plain("hello") - overhead["user"]
+    without_system = templated([u]) - plain("hello") - overhead["user"]
 
     backend = tok.backend_tokenizer  # the Rust tokenizer: no per-text Python conversion
 
@@ -271,7 +274,7 @@ def load_token_counter(model_path: str | Path) -> TokenCounter:
             lengths[text] = len(encoding)
         out = []
         for msgs in batch:
-            n = sum(lengths[m["content"]] for m in msgs) + per_message * len(msgs)
+            n = sum(lengths[m["content"]] + overhead.get(m["role"], 0) for m in msgs)
             out.append(n + (with_system if msgs and msgs[0]["role"] == "system" else without_system))
         return out
 

@@ -104,7 +104,11 @@ def test_real_tokenizer_counts_the_chat_template():
 
     tok = AutoTokenizer.from_pretrained(str(MODEL))
     count = load_token_counter(MODEL)
-    examples = [GOOD["messages"], GOOD["messages"][1:], [{"role": "user", "content": "Where is Oakdale?"}, {"role": "assistant", "content": "in the north"}]]
+    conversation = [{"role": "system", "content": "Read the story.\nStory: Anna lived in Oakdale."}]
+    for i in range(6):
+        conversation += [{"role": "user", "content": f"Question {i}: where did Anna live?"}, {"role": "assistant", "content": "Oakdale"}]
+    examples = [GOOD["messages"], GOOD["messages"][1:], [{"role": "user", "content": "Where is Oakdale?"}, {"role": "assistant", "content": "in the north"}],
+                conversation, conversation[1:]]  # multi-turn: user and assistant messages cost different template tokens
     expected = [len(tok.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]) for m in examples]
     assert count(examples) == expected
 
