@@ -2,7 +2,7 @@
 
     with Session(db) as session:
         fb = record_feedback(session, turn_id="chatcmpl-1", rating="up", comment=None, key_hash=None, admin=False)
-        turns = conversation_turns(session, fb.turn.conversation_id)
+        turns = conversation_turns(session, session.get(Turn, fb.turn_id).conversation_id)
     for row in iter_log(db, since=since):   # curation's input, streamed
         ...
     rated_turns(db, since=last_cycle_started)   # the learner's new-ratings trigger
