@@ -87,6 +87,7 @@ class Problem:
 
 
 def too_long(tokens: int, limit: int) -> str:
+    """The one wording of an example over the token limit (data check, seed files)."""
     return f"{tokens} tokens, more than the limit of {limit}"
 
 
