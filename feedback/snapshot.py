@@ -39,6 +39,7 @@ from feedback import check
 from feedback.check import TokenCounter, iter_valid_examples, validate_messages, within_limit
 from feedback.coqa import SYSTEM_PROMPT, RecordProblem, is_coqa_file, load_coqa, parse_record, to_chat
 from feedback.curate import CurationConfig, CurationCounts, Sinks, curate
+from feedback.models import as_utc
 from feedback.queries import iter_log
 
 DATA_FILES = ("train.jsonl", "heldout.jsonl", "heldout_eval.jsonl", "preferences.jsonl", "preference_pairs.jsonl")
@@ -65,6 +66,7 @@ def create_snapshot(db, *, root: str | Path, config: CurationConfig, seed_files:
 
     `tokenizer` (a model folder or Hugging Face id) is recorded in the manifest and, when
     `config.max_tokens` is set and no `count_tokens` is given, counts the tokens."""
+    since, until = (None if at is None else as_utc(at) for at in (since, until))  # the manifest says which UTC window
     if config.max_tokens and count_tokens is None:
         if tokenizer is None:
             raise ValueError("a token limit needs a tokenizer: pass tokenizer= or count_tokens=, or set max_tokens None")

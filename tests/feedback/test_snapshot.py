@@ -118,6 +118,21 @@ def test_cli_curate_and_export_read_the_store(store_config, tmp_path):
     assert json.loads(line)["messages"][-1] == msg(A, "Paris is the capital.")
 
 
+def test_cli_time_windows_are_utc(store_config, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "window.jsonl"
+    window = ["--since", "2020-01-01", "--until", "2100-01-01T00:00:00", "--max-tokens", "0", "--config", str(store_config)]
+    result = runner.invoke(tunewheel_app, ["data", "export", "--out", str(out), *window])
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 1
+    result = runner.invoke(tunewheel_app, ["data", "curate", *window])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["window"]["since"] == "2020-01-01T00:00:00+00:00"
+    result = runner.invoke(tunewheel_app, ["data", "export", "--out", str(out), "--since", "2100-01-01", "--max-tokens", "0",
+                                           "--config", str(store_config)])
+    assert result.exit_code == 0 and out.read_text() == ""
+
+
 def test_cli_curate_of_an_empty_log_says_so(tmp_path):
     config = tmp_path / "tunewheel.toml"
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
