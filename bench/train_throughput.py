@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from learn.train import TrainConfig, encode, train  # noqa: E402
+from learn.train import TrainConfig, train  # noqa: E402
+from learn.train_data import encode  # noqa: E402
 
 DEFAULT_MODEL = REPO / ".pytest-data" / "models" / "SmolLM2-135M-Instruct"
 NAMES = ["Ada", "Tom", "Maria", "Kofi", "Lena", "Ravi", "Ines", "Sam"]
@@ -58,10 +59,9 @@ OPTIM = dict(learning_rate=2e-4, lr_scheduler="cosine", warmup_ratio=0.05, seed=
 
 
 def run_recipe(model: Path, train_file: Path, val_file: Path, work: Path, steps: int, batch: int, max_length: int, threads: int) -> dict:
-    config = TrainConfig(base_model=str(model), train_file=str(train_file), val_file=str(val_file), out_dir=str(work / "recipe"),
-                         batch_size=batch, max_length=max_length, max_steps=steps, epochs=100, early_stopping_patience=100,
+    config = TrainConfig(batch_size=batch, max_length=max_length, max_steps=steps, epochs=100, early_stopping_patience=100,
                          device="cpu", threads=threads, **LORA, **OPTIM)
-    m = train(config).metrics
+    m = train(config, base_model=str(model), train_file=train_file, val_file=val_file, out_dir=work / "recipe").metrics
     return {"tokens": m["tokens"], "seconds": m["train_seconds"], "tokens_per_s": m["tokens_per_s"],
             "padding_fraction": m["padding_fraction"], "scored_tokens": m["scored_tokens"], "steps": m["steps"]}
 

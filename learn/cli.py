@@ -8,13 +8,13 @@ promotes or rejects; it prints the cycle report and exits 0 when the cycle promo
 rejected or skipped (too little data, another cycle running) and 1 when it failed. The
 gateway at `--url` (default: the configured one) must be running: evaluation goes through
 it to the real engine, and it picks a promotion up from the registry within seconds.
-A gateway with API keys needs one in TUNEWHEEL_API_KEY.
+A gateway with API keys needs one in TUNEWHEEL_API_KEY. `learn schedule` serves no metrics
+of its own (learn.metrics_port is ignored): the gateway's /metrics reads the cycles from the store.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -22,7 +22,6 @@ import typer
 from feedback.cli_common import ConfigOption, fail, load
 
 app = typer.Typer(help="The learner: one cycle now, or the schedule.", no_args_is_help=True)
-
 
 
 @app.command("run")
@@ -33,31 +32,27 @@ def run(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of text.")] = False,
 ) -> None:
     """Run one full learner cycle now and print its report."""
-    import json
-
-    from learn.cycle import run_cycle
+    from learn.cycle import cycle_runner
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load(ctx, config)
-    report = run_cycle(settings, gateway_url=url, trigger="cli")
-    typer.echo(json.dumps(report.to_dict(), indent=2, default=str) if json_out else report.text())
-    if report.outcome == "failed":
+    cycle = cycle_runner(settings, gateway_url=url)("cli")
+    typer.echo(cycle.model_dump_json(indent=2) if json_out else cycle.text())
+    if cycle.outcome == "failed":
         raise typer.Exit(1)
 
 
 @app.command("schedule")
 def schedule(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Run the learner's scheduler (learn.schedule) in the foreground until Ctrl-C."""
-    from prometheus_client import start_http_server
-
-    from learn.scheduler import run_forever
+    from feedback.db import make_db
+    from learn.cycle import cycle_runner
+    from learn.scheduler import Learner, build_scheduler, run_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load(ctx, config)
-    if settings.learn.metrics_port:
-        # Prometheus scrapes the learner here (deploy/: job tunewheel-learner).
-        start_http_server(settings.learn.metrics_port, addr=settings.serve.host)
+    learner = Learner(cycle_runner(settings), db=make_db(settings.store_url), schedule=settings.learn.schedule)
     try:
-        run_forever(settings)
+        run_forever(build_scheduler(settings.learn.schedule, learner, blocking=True))
     except ValueError as exc:
         fail(str(exc), 2)

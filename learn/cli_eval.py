@@ -47,7 +47,9 @@ def eval_command(
 
     settings = load(ctx, config)
     try:
-        report = evaluate(settings, model=model, data=data, url=url, api_key=api_key, predictions_out=predictions_out)
+        report = evaluate(data, model=model, url=url or settings.gateway_url, max_tokens=settings.learn.eval_max_tokens,
+                          concurrency=settings.learn.eval_concurrency, api_key=api_key, timeout=settings.serve.request_timeout_s,
+                          predictions_out=predictions_out)
     except (HeldoutError, EvalError) as exc:
         fail(str(exc))
 

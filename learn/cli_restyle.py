@@ -88,16 +88,24 @@ def train(ctx: typer.Context, style: Annotated[str, typer.Option(help="Style who
           learning_rate: Annotated[Optional[float], typer.Option(help="Override learn.train.learning_rate.")] = None,
           min_chrf_gain: float = 1.0, max_content_drop: float = 0.1, config: ConfigOption = None) -> None:
     """Train a restyler on the pairs, score it against the base model (chrF), gate, promote."""
+    from pydantic import ValidationError
+
     from feedback.db import make_db
     from learn.registry import Registry
     from learn.restyle_train import train_restyler
+    from learn.train import TrainConfig
 
     settings = load(ctx, config)
     data = data_dir or settings.datasets_dir / "restyle" / style
     overrides = {k: v for k, v in (("max_steps", max_steps), ("epochs", epochs), ("learning_rate", learning_rate)) if v is not None}
+    try:
+        train_config = TrainConfig.model_validate({**settings.learn.train.model_dump(), **overrides})
+    except ValidationError as exc:
+        fail("; ".join(e["msg"] for e in exc.errors()), 2)
     registry = Registry(make_db(settings.store_url))
-    outcome = train_restyler(settings, registry, style=style, data_dir=data, gateway_url=url or settings.gateway_url,
-                             min_chrf_gain=min_chrf_gain, max_content_drop=max_content_drop, overrides=overrides)
+    outcome = train_restyler(train_config, registry, style=style, data_dir=data, base_model=settings.base_model_path(),
+                             dirs=settings.learn_dirs, gateway_url=url or settings.gateway_url,
+                             min_chrf_gain=min_chrf_gain, max_content_drop=max_content_drop)
     typer.echo(outcome.describe())
     if outcome.error:
         raise typer.Exit(1)

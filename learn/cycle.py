@@ -1,61 +1,59 @@
 """One learner cycle: curate -> train -> evaluate -> gate -> register -> promote or reject.
 
     tunewheel learn run [--config FILE]          # one cycle now, prints the report
-    from learn.cycle import run_cycle
-    report = run_cycle(settings)                 # CycleReport; report.outcome in OUTCOMES
+    from learn.cycle import cycle_runner
+    cycle = cycle_runner(settings)("manual")     # a LearnerCycle row; cycle.outcome in OUTCOMES
 
-Read top to bottom, `run_cycle` does:
-  1. take the database lock `learner` (one cycle at a time across every process and replica;
-     a crashed holder's lock lapses after LOCK_TTL_S, a live holder refreshes it)
+`run_cycle(learn, db=, dirs=, base_model=, gateway_url=, ...)` takes the `[learn]` section, the
+store, the learner's folders and its collaborators as arguments: `train` (default: the recipe in
+a child process), `evaluate` (default: EM/F1 of a model served at `gateway_url`) and `converge`
+("make serving converge now", called after a promotion; the learner never sees the gateway
+itself). `cycle_runner(settings, ...)` builds those arguments from the composed settings; `learn
+run`, `serve --with-learner` and the demo use it. Read top to bottom, a cycle does:
+  1. take the database lock `learner` (learn/lock.py): one cycle at a time across processes
   2. curate the turn log + seed files into an immutable snapshot (feedback/snapshot.py);
      too few training examples -> outcome "skipped" with what to do about it
-  3. train a LoRA in a child process (learn/train.py) into adapters/<version>; the folder
-     appears only when training finished, and only then is it registered as a candidate
+  3. train a LoRA into adapters/<version>; the folder appears only when training finished, and
+     only then is it registered as a candidate
   4. score champion (the prod version, or the base model) and candidate on the same held-out
      set through the gateway (`chat@<version>` loads the candidate into the engine unaliased)
-  5. gate (learn/gate.py); promote in the registry and reconcile the serving side, or reject
+  5. gate (learn/gate.py); promote in the registry and converge the serving side, or reject
 Any failure records the cycle as failed with its error, rejects a registered candidate with
-that error and leaves production untouched. Every cycle is a `learner_cycle` row, a report
-(`cycle.json` + `cycle.txt`) under `<runs_dir>/cycle-NNNN/`, and learner metrics.
+that error and leaves production untouched. A cycle is one `LearnerCycle` row, written as it
+goes, and a report (`cycle.json` + `cycle.txt`) under `<runs>/cycle-NNNN/`; the gateway's
+/metrics reads the rows.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import os
-import socket
-import threading
 import time
-import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import JSON, Column, Engine, Text, delete, insert, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import JSON, Column, Engine, Text, select
 from sqlmodel import Field, Session, SQLModel
 
 from feedback.models import utcnow
 from feedback.queries import rated_turns
+from learn.evaluate import evaluate as evaluate_served
+from learn.lock import CycleLock
+from learn.settings import LearnDirs, LearnSettings
+from learn.train import train_in_child
 
 log = logging.getLogger("tunewheel.learn")
 
 OUTCOMES = ("promoted", "rejected", "skipped", "failed")
-LOCK_TTL_S = 900.0
-
-
-class LearnerLock(SQLModel, table=True):
-    __tablename__ = "learner_lock"
-    name: str = Field(primary_key=True, max_length=64)
-    holder: str = Field(max_length=200)
-    acquired_at: datetime
-    expires_at: datetime
 
 
 class LearnerCycle(SQLModel, table=True):
+    """One learner cycle, the one record of it: written when it starts, completed as it goes."""
+
     __tablename__ = "learner_cycle"
     id: int | None = Field(default=None, primary_key=True)
     started_at: datetime = Field(default_factory=utcnow, index=True)
@@ -73,104 +71,22 @@ class LearnerCycle(SQLModel, table=True):
     champion_scores: dict | None = Field(default=None, sa_column=Column(JSON))
     candidate_scores: dict | None = Field(default=None, sa_column=Column(JSON))
     report_path: str | None = Field(default=None, sa_column=Column(Text))
-
-
-class CycleLock:
-    """A lease row in `learner_lock`: atomic on SQLite and Postgres, expires if its holder dies."""
-
-    def __init__(self, db: Engine, name: str = "learner", ttl_s: float = LOCK_TTL_S):
-        self.db, self.name, self.ttl = db, name, timedelta(seconds=ttl_s)
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._stop = threading.Event()
-
-    def acquire(self) -> bool:
-        table = LearnerLock.__table__
-        now = utcnow()
-        values = {"holder": self.holder, "acquired_at": now, "expires_at": now + self.ttl}
-        with self.db.begin() as conn:  # take over an expired lease ...
-            stale = conn.execute(update(table).where(table.c.name == self.name, table.c.expires_at < now).values(**values))
-            if stale.rowcount == 1:
-                return True
-        try:  # ... or create the lease; a concurrent creator makes this fail
-            with self.db.begin() as conn:
-                conn.execute(insert(table).values(name=self.name, **values))
-            return True
-        except IntegrityError:
-            return False
-
-    def current_holder(self) -> str | None:
-        with Session(self.db) as s:
-            row = s.get(LearnerLock, self.name)
-            return f"{row.holder} since {row.acquired_at:%Y-%m-%d %H:%M:%S} UTC" if row else None
-
-    def refresh(self) -> bool:
-        table = LearnerLock.__table__
-        with self.db.begin() as conn:
-            r = conn.execute(update(table).where(table.c.name == self.name, table.c.holder == self.holder)
-                             .values(expires_at=utcnow() + self.ttl))
-            return r.rowcount == 1
-
-    def release(self) -> None:
-        self._stop.set()
-        table = LearnerLock.__table__
-        with self.db.begin() as conn:
-            conn.execute(delete(table).where(table.c.name == self.name, table.c.holder == self.holder))
-
-    @contextmanager
-    def heartbeat(self, every_s: float = 60.0):
-        """Refresh the lease while the body runs (training takes longer than the TTL)."""
-
-        def beat() -> None:
-            while not self._stop.wait(every_s):
-                if not self.refresh():
-                    log.error("learner lock %s was lost (expired and taken over?)", self.name)
-
-        thread = threading.Thread(target=beat, name="learner-lock", daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-
-
-class Skip(Exception):
-    """The cycle has nothing to do (too little data, another cycle running); not a failure."""
-
-
-@dataclass
-class CycleReport:
-    outcome: str = "failed"
-    message: str = ""
-    id: int | None = None
-    trigger: str = "manual"
-    started_at: str = ""
-    finished_at: str = ""
-    snapshot: str | None = None
-    snapshot_hash: str | None = None
-    train_examples: int | None = None
-    heldout_items: int | None = None
-    champion: str | None = None
-    version: str | None = None
-    champion_scores: dict | None = None
-    candidate_scores: dict | None = None
-    gate: dict | None = None
-    train: dict | None = None
-    error: str | None = None
-    report_path: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    # added by migration 0004
+    snapshot: str | None = Field(default=None, max_length=64)  # the snapshot's version, snap-<hash prefix>
+    gate: dict | None = Field(default=None, sa_column=Column(JSON))  # learn.gate.Decision.to_dict()
+    train_metrics: dict | None = Field(default=None, sa_column=Column(JSON))  # TrainResult.metrics
+    timings: dict | None = Field(default=None, sa_column=Column(JSON))  # seconds: curate_s, train_s, evaluate_s
 
     def text(self) -> str:
         """The short human-readable form `tunewheel learn run` prints."""
-        lines = [f"learner cycle {self.id if self.id is not None else '-'}: {self.outcome.upper()} - {self.message}"]
+        lines = [f"learner cycle {self.id if self.id is not None else '-'}: {(self.outcome or 'running').upper()} - {self.message or ''}"]
         if self.snapshot:
             lines.append(f"  snapshot   {self.snapshot}: {self.train_examples} training examples, {self.heldout_items} held-out items")
-        if self.train:
-            t = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in self.train.items()}
-            lines.append(f"  training   {t.get('steps')} steps, {self.train.get('duration_s', 0):.0f} s, train loss {t.get('train_loss')}, "
-                         f"val loss {t.get('val_loss')}, {self.train.get('tokens_per_s', 0):.0f} tokens/s")
+        if self.train_metrics:
+            m = self.train_metrics
+            t = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in m.items()}
+            lines.append(f"  training   {t.get('steps')} steps, {m.get('duration_s', 0):.0f} s, train loss {t.get('train_loss')}, "
+                         f"val loss {t.get('val_loss')}, {m.get('tokens_per_s', 0):.0f} tokens/s")
         for role, name, scores in (("champion", self.champion, self.champion_scores), ("candidate", self.version, self.candidate_scores)):
             if scores:
                 lines.append(f"  {role:<10} {name}: EM {scores['em']:.3f}  F1 {scores['f1']:.3f}  ({scores['n_turns']} turns)")
@@ -183,161 +99,214 @@ class CycleReport:
         return "\n".join(lines)
 
 
-def run_cycle(settings, *, gateway_url: str | None = None, reconcile: Callable[[], Any] | None = None,
-              trigger: str = "manual", api_key: str | None = None, db: Engine | None = None,
-              observe: Callable[[CycleReport], Any] | None = None) -> CycleReport:
-    """One full cycle. `reconcile`: called after a promotion so serving converges at once (gateways
-    poll the registry anyway). `api_key`: bearer key for the gateway when it requires one
-    (default: the environment variable TUNEWHEEL_API_KEY). `observe`: called with the finished
-    report (serve.metrics.observe_cycle exports it to Prometheus; learn does not import serve)."""
-    from feedback.db import make_db
+class Skip(Exception):
+    """The cycle has nothing to do (too little data, no held-out set); not a failure."""
 
-    db = db or make_db(settings.store_url)
-    api_key = api_key or os.environ.get("TUNEWHEEL_API_KEY")
+
+# ---------------------------------------------------------------- the cycle
+
+
+def run_cycle(learn: LearnSettings, *, db: Engine, dirs: LearnDirs, base_model: str, gateway_url: str,
+              api_key: str | None = None, trigger: str = "manual", converge: Callable[[], Any] | None = None,
+              train: Callable[..., Any] = train_in_child, evaluate: Callable[..., Any] = evaluate_served) -> LearnerCycle:
+    """One full cycle, recorded as a `learner_cycle` row (returned). Another cycle holding the lock makes
+    this one "skipped" at once, and unrecorded (the running one is the record of that time)."""
     lock = CycleLock(db)
     if not lock.acquire():
-        report = CycleReport(outcome="skipped", trigger=trigger, message=f"another learner cycle is running ({lock.current_holder()})")
-        if observe is not None:
-            observe(report)
-        return report
+        return LearnerCycle(trigger=trigger, outcome="skipped", finished_at=utcnow(),
+                            message=f"another learner cycle is running ({lock.current_holder()})")
     try:
         with lock.heartbeat():
-            report = _run_locked(settings, db, gateway_url or settings.gateway_url, reconcile, trigger, api_key)
+            run = _Run(learn, db, dirs, base_model, gateway_url, api_key, converge, train, evaluate)
+            return run.record(trigger)
     finally:
         lock.release()
-    if observe is not None:
-        observe(report)
-    return report
 
 
-def _run_locked(settings, db: Engine, gateway_url: str, reconcile, trigger: str, api_key: str | None) -> CycleReport:
-    from learn.registry import Registry
+@dataclass
+class _Run:
+    """The arguments of one `run_cycle`, and its steps in the order they happen."""
 
-    registry = Registry(db)
-    report = CycleReport(trigger=trigger, started_at=utcnow().isoformat(timespec="seconds"))
-    with Session(db) as s:
-        row = LearnerCycle(trigger=trigger, rated_turns=rated_turns(db))
-        s.add(row)
-        s.commit()
-        report.id = row.id
-    try:
-        _steps(settings, registry, report, gateway_url, reconcile, api_key)
-    except Skip as exc:
-        report.outcome, report.message = "skipped", str(exc)
-    except Exception as exc:
-        log.exception("learner cycle %s failed", report.id)
-        report.outcome, report.error = "failed", f"{type(exc).__name__}: {exc}"
-        report.message = f"failed; production is unchanged (still {report.champion or 'as it was'})"
-        _reject_after_failure(registry, report)
-    report.finished_at = utcnow().isoformat(timespec="seconds")
-    _write_report(settings, report)
-    _finish_row(db, report)
-    log.info("%s", report.text())
-    return report
+    learn: LearnSettings
+    db: Engine
+    dirs: LearnDirs
+    base_model: str
+    gateway_url: str
+    api_key: str | None
+    converge: Callable[[], Any] | None
+    train: Callable[..., Any]
+    evaluate: Callable[..., Any]
 
+    def __post_init__(self) -> None:
+        from learn.registry import Registry
 
-def _steps(settings, registry, report: CycleReport, gateway_url: str, reconcile, api_key: str | None) -> None:
-    """The cycle proper; raises Skip or any error, filling `report` as it goes."""
-    from feedback.snapshot import create_snapshot
-    from learn.evaluate import evaluate, load_heldout
-    from learn.gate import decide
-    from learn.train import TrainConfig, train_in_child
+        self.registry = Registry(self.db)
 
-    champion = registry.prod("chat")
-    report.champion = champion.name if champion else "base"
-    champion_model = f"chat@{champion.name}" if champion else "base"
+    def record(self, trigger: str) -> LearnerCycle:
+        """Run the steps into a fresh row; whatever happens, the row and the report end up complete."""
+        cycle = LearnerCycle(trigger=trigger, rated_turns=rated_turns(self.db), timings={})
+        _save(self.db, cycle)
+        try:
+            self.steps(cycle)
+        except Skip as exc:
+            cycle.outcome, cycle.message = "skipped", str(exc)
+        except Exception as exc:
+            log.exception("learner cycle %s failed", cycle.id)
+            cycle.outcome, cycle.error = "failed", f"{type(exc).__name__}: {exc}"
+            cycle.message = f"failed; production is unchanged (still {cycle.champion or 'as it was'})"
+            self.reject_after_failure(cycle)
+        cycle.finished_at = utcnow()
+        _write_report(self.dirs.runs, cycle)
+        _save(self.db, cycle)
+        log.info("%s", cycle.text())
+        return cycle
 
-    t0 = time.perf_counter()
-    snap = create_snapshot(registry.db, root=settings.datasets_dir / "snapshots", config=settings.curation(),
-                           seed_files=settings.seed_files, tokenizer=settings.base_model_path())
-    counts = snap.manifest["counts"]
-    heldout_file = Path(settings.learn.heldout_file) if settings.learn.heldout_file else snap.path / "heldout_eval.jsonl"
-    items = load_heldout(heldout_file) if heldout_file.is_file() and heldout_file.stat().st_size else []
-    report.snapshot, report.snapshot_hash = snap.version, snap.manifest["hash"]
-    report.train_examples, report.heldout_items = counts["train_total"], len(items)
-    report.timings["curate_s"] = time.perf_counter() - t0
-    minimum = settings.learn.train.min_examples
-    if report.train_examples < minimum:
-        raise Skip(f"snapshot {snap.version} has {report.train_examples} training examples, fewer than "
-                   f"learn.train.min_examples = {minimum}: wait for more up-rated turns or add learn.seed_files")
-    if not items:
-        raise Skip(f"no held-out set to score on: snapshot {snap.version} held out no conversations; "
-                   f"set learn.heldout_file (learner format or CoQA JSON) or raise learn.heldout_fraction")
+    def steps(self, cycle: LearnerCycle) -> None:
+        """The cycle proper; raises Skip or any error, filling `cycle` as it goes."""
+        champion = self.registry.prod("chat")
+        cycle.champion = champion.name if champion else "base"
+        train_file, items = self.curate(cycle)
+        result = self.train_candidate(cycle, train_file, parent=champion.name if champion else None)
+        with _timed(cycle, "evaluate_s"):
+            common = dict(url=self.gateway_url, max_tokens=self.learn.eval_max_tokens, concurrency=self.learn.eval_concurrency,
+                          api_key=self.api_key, progress=False)
+            champ = self.evaluate(items, model=f"chat@{champion.name}" if champion else "base", **common)
+            cand = self.evaluate(items, model=f"chat@{cycle.version}", **common)
+        cycle.champion_scores, cycle.candidate_scores = champ.to_dict(), cand.to_dict()
+        self.decide(cycle, champ, cand, result.metrics)
 
-    name = registry.new_version_name("chat")
-    out_dir = settings.adapters_dir / name
-    config = TrainConfig.from_settings(settings.learn.train, base_model=settings.base_model_path(),
-                                       train_file=snap.path / "train.jsonl", out_dir=out_dir)
-    t0 = time.perf_counter()
-    result = train_in_child(config)
-    report.timings["train_s"] = time.perf_counter() - t0
-    report.train = result.metrics
-    registry.register(name, kind="chat", path=result.out_dir, parent=champion.name if champion else None,
-                      snapshot_hash=report.snapshot_hash, train_config=asdict(config))  # metrics: written once, at the decision
-    report.version = name
+    def curate(self, cycle: LearnerCycle) -> tuple[Path, list]:
+        """Snapshot the log and seeds: (training file, held-out items). Skip when either side is too small."""
+        from learn.evaluate import load_heldout
 
-    t0 = time.perf_counter()
-    kw = dict(data=items, url=gateway_url, api_key=api_key, progress=False)
-    champ = evaluate(settings, model=champion_model, **kw)
-    cand = evaluate(settings, model=f"chat@{name}", **kw)
-    report.timings["evaluate_s"] = time.perf_counter() - t0
-    report.champion_scores, report.candidate_scores = champ.to_dict(), cand.to_dict()
+        with _timed(cycle, "curate_s"):
+            snap = _snapshot(self.learn, self.db, self.dirs, self.base_model)
+            heldout_file = Path(self.learn.heldout_file) if self.learn.heldout_file else snap.path / "heldout_eval.jsonl"
+            items = load_heldout(heldout_file) if heldout_file.is_file() and heldout_file.stat().st_size else []
+        cycle.snapshot, cycle.snapshot_hash = snap.version, snap.manifest["hash"]
+        cycle.train_examples, cycle.heldout_items = snap.manifest["counts"]["train_total"], len(items)
+        _save(self.db, cycle)
+        minimum = self.learn.train.min_examples
+        if cycle.train_examples < minimum:
+            raise Skip(f"snapshot {snap.version} has {cycle.train_examples} training examples, fewer than "
+                       f"learn.train.min_examples = {minimum}: wait for more up-rated turns or add learn.seed_files")
+        if not items:
+            raise Skip(f"no held-out set to score on: snapshot {snap.version} held out no conversations; "
+                       f"set learn.heldout_file (learner format or CoQA JSON) or raise learn.heldout_fraction")
+        return snap.path / "train.jsonl", items
 
-    gate = settings.learn.gate
-    decision = decide(champ, cand, min_f1_gain=gate.min_f1_gain, max_em_drop=gate.max_em_drop)
-    report.gate = decision.to_dict()
-    metrics = {"train": result.metrics, "heldout": {"champion": report.champion_scores, "candidate": report.candidate_scores}}
-    if decision.promote:
-        change = registry.promote(name, gate=report.gate, metrics=metrics)
-        report.outcome, report.message = "promoted", f"{change.describe()} (F1 {champ.f1:.3f} -> {cand.f1:.3f})"
-        if reconcile is not None:
+    def train_candidate(self, cycle: LearnerCycle, train_file: Path, *, parent: str | None):
+        """Train into a fresh version folder and register the finished adapter as a candidate."""
+        from learn.train_config import run_record
+
+        name = self.registry.new_version_name("chat")
+        paths = dict(base_model=self.base_model, train_file=train_file, out_dir=self.dirs.adapters / name)
+        with _timed(cycle, "train_s"):
+            result = self.train(self.learn.train, **paths)
+        cycle.train_metrics = result.metrics
+        # metrics: written once, at the decision
+        self.registry.register(name, kind="chat", path=result.out_dir, parent=parent, snapshot_hash=cycle.snapshot_hash,
+                               train_config=run_record(self.learn.train, **paths))
+        cycle.version = name
+        _save(self.db, cycle)
+        return result
+
+    def decide(self, cycle: LearnerCycle, champ, cand, train_metrics: dict) -> None:
+        """Gate, then promote (and converge serving) or reject; the decision goes on the version and the cycle."""
+        from learn.gate import decide
+
+        gate = self.learn.gate
+        decision = decide(champ, cand, min_f1_gain=gate.min_f1_gain, max_em_drop=gate.max_em_drop)
+        cycle.gate = decision.to_dict()
+        metrics = {"train": train_metrics, "heldout": {"champion": cycle.champion_scores, "candidate": cycle.candidate_scores}}
+        if not decision.promote:
+            self.registry.reject(cycle.version, cycle.gate, metrics=metrics)
+            cycle.outcome = "rejected"
+            cycle.message = f"{cycle.version} rejected by the gate; production stays on {cycle.champion}"
+            return
+        change = self.registry.promote(cycle.version, gate=cycle.gate, metrics=metrics)
+        cycle.outcome, cycle.message = "promoted", f"{change.describe()} (F1 {champ.f1:.3f} -> {cand.f1:.3f})"
+        if self.converge is not None:
             try:
-                reconcile()
+                self.converge()
             except Exception as exc:  # the gateway's own poll converges within seconds anyway
-                log.warning("reconcile after promotion failed (gateways will converge on their next poll): %s", exc)
-    else:
-        registry.reject(name, report.gate, metrics=metrics)
-        report.outcome = "rejected"
-        report.message = f"{name} rejected by the gate; production stays on {report.champion}"
+                log.warning("converging serving after the promotion failed (gateways will converge on their next poll): %s", exc)
+
+    def reject_after_failure(self, cycle: LearnerCycle) -> None:
+        """A registered candidate of a failed cycle must never look servable."""
+        if cycle.version is None:
+            return
+        try:
+            v = self.registry.get(cycle.version)
+            if v is not None and v.state == "candidate":
+                self.registry.reject(cycle.version, cycle.gate, metrics={"train": cycle.train_metrics}, error=cycle.error)
+        except Exception:
+            log.exception("could not mark %s rejected after the failed cycle", cycle.version)
 
 
-def _reject_after_failure(registry, report: CycleReport) -> None:
-    if report.version is None:
-        return
+# ---------------------------------------------------------------- helpers
+
+
+def _snapshot(learn: LearnSettings, db: Engine, dirs: LearnDirs, base_model: str):
+    """Curate the whole log plus the seed files into a snapshot, with the trainer's token limit."""
+    from feedback.snapshot import create_snapshot
+
+    return create_snapshot(db, root=dirs.snapshots, config=learn.curation(), seed_files=learn.seed_files,
+                           tokenizer=base_model)
+
+
+@contextmanager
+def _timed(cycle: LearnerCycle, stage: str):
+    """Record the seconds the body takes under `stage` in the cycle's timings."""
+    started = time.perf_counter()
     try:
-        v = registry.get(report.version)
-        if v is not None and v.state == "candidate":
-            registry.reject(report.version, report.gate, metrics={"train": report.train}, error=report.error)
-    except Exception:
-        log.exception("could not mark %s rejected after the failed cycle", report.version)
+        yield
+    finally:
+        # a new dict: the JSON column notices reassignment, not changes in place
+        cycle.timings = {**(cycle.timings or {}), stage: time.perf_counter() - started}
 
 
-def _finish_row(db: Engine, report: CycleReport) -> None:
-    with Session(db) as s:
-        row = s.get(LearnerCycle, report.id)
-        row.finished_at = utcnow()
-        for key in ("outcome", "error", "message", "snapshot_hash", "train_examples", "heldout_items", "champion",
-                    "version", "champion_scores", "candidate_scores", "report_path"):
-            setattr(row, key, getattr(report, key))
-        s.add(row)
+def _save(db: Engine, cycle: LearnerCycle) -> None:
+    with Session(db, expire_on_commit=False) as s:
+        s.add(cycle)
         s.commit()
 
 
-def _write_report(settings, report: CycleReport) -> None:
-    folder = Path(settings.runs_dir) / f"cycle-{report.id:04d}"
+def _write_report(runs: Path, cycle: LearnerCycle) -> None:
+    folder = Path(runs) / f"cycle-{cycle.id:04d}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        report.report_path = str(folder / "cycle.json")
-        (folder / "cycle.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-        (folder / "cycle.txt").write_text(report.text() + "\n")
+        cycle.report_path = str(folder / "cycle.json")
+        (folder / "cycle.json").write_text(cycle.model_dump_json(indent=2) + "\n")
+        (folder / "cycle.txt").write_text(cycle.text() + "\n")
     except OSError as exc:
         log.error("could not write the cycle report to %s: %s", folder, exc)
 
 
-
 def last_cycle(db: Engine) -> LearnerCycle | None:
     """The most recently started cycle (the scheduler counts new ratings since it)."""
-    from sqlalchemy import select
-
     with Session(db) as s:
         return s.exec(select(LearnerCycle).order_by(LearnerCycle.started_at.desc(), LearnerCycle.id.desc()).limit(1)).scalars().first()
+
+
+# ---------------------------------------------------------------- assembly
+
+
+def cycle_runner(settings, *, converge: Callable[[], Any] | None = None, gateway_url: str | None = None,
+                 api_key: str | None = None) -> Callable[[str], LearnerCycle]:
+    """`run(trigger)` -> one cycle, with every argument of `run_cycle` taken from the composed settings.
+
+    `gateway_url` defaults to the configured gateway, `api_key` to TUNEWHEEL_API_KEY; evaluation
+    requests time out after `serve.request_timeout_s`, as the gateway's own requests to the engine.
+    """
+    from feedback.db import make_db
+
+    db = make_db(settings.store_url)
+    evaluate = functools.partial(evaluate_served, timeout=settings.serve.request_timeout_s)
+
+    def run(trigger: str = "manual") -> LearnerCycle:
+        return run_cycle(settings.learn, db=db, dirs=settings.learn_dirs, base_model=settings.base_model_path(),
+                         gateway_url=gateway_url or settings.gateway_url, api_key=api_key or os.environ.get("TUNEWHEEL_API_KEY"),
+                         trigger=trigger, converge=converge, evaluate=evaluate)
+
+    return run

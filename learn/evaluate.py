@@ -1,7 +1,8 @@
 """Score a served model on a CoQA-style held-out set with the official EM and F1.
 
     tunewheel eval --model chat --data heldout.jsonl --predictions-out preds.jsonl
-    report = evaluate(settings, model="chat@chat-v0003", data="heldout.jsonl")   # from Python
+    report = evaluate("heldout.jsonl", model="chat@chat-v0003", url="http://127.0.0.1:8000",
+                      max_tokens=32, concurrency=8)                                 # from Python
 
 The data is the learner's held-out JSONL (one {"id", "source", "story", "turns": [{"question",
 "answers": [gold, ...]}]} per line; answers[0] is the main answer) or an official CoQA JSON
@@ -9,11 +10,11 @@ file ({"data": [...]}, told apart by content, read with feedback/coqa.py). Eithe
 validated first, with the line or story of every problem. For turn k the model gets the
 system prompt "Read the story and extract answers for the questions.\\nStory: <story>"
 (the one curation trains with), then the gold history of turns < k as user/assistant
-pairs, then question k; it answers greedily (temperature 0, `learn.eval_max_tokens`).
-Requests go to the gateway's (or any OpenAI-style server's) /v1/chat/completions with
-`model=NAME`, `learn.eval_concurrency` at a time, so this scores exactly what the engine
-serves under that name. A request that keeps failing stops the evaluation: a partial score
-would mislead the gate. Evaluation requests through the gateway are logged as turns like
+pairs, then question k; it answers greedily (temperature 0, `max_tokens`, which the learner
+and `tunewheel eval` take from `learn.eval_max_tokens`). Requests go to the gateway's (or any
+OpenAI-style server's) /v1/chat/completions with `model=NAME`, `concurrency` at a time
+(`learn.eval_concurrency`), so this scores exactly what the engine serves under that name.
+A request that keeps failing stops the evaluation: a partial score would mislead the gate. Evaluation requests through the gateway are logged as turns like
 any other; they carry no rating, so curation never trains on them.
 """
 
@@ -228,7 +229,12 @@ async def aevaluate(
                 t.cancel()
             bar.close()
     duration = time.perf_counter() - started
+    agg = _score(jobs, answers, predictions_out)
+    return EvalReport(model=model, n_turns=agg["n"], em=agg["em"], f1=agg["f1"], per_source=agg["per_source"], duration=duration, data=data_name)
 
+
+def _score(jobs: list[tuple[EvalItem, int]], answers: list[str], predictions_out: str | Path | None) -> dict:
+    """EM/F1 of every answer, aggregated (learn.metrics.aggregate); each turn's row to `predictions_out`."""
     rows, scores = [], []
     for (item, k), prediction in zip(jobs, answers, strict=True):
         golds = item.turns[k][1]
@@ -239,21 +245,23 @@ async def aevaluate(
         out = Path(predictions_out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    agg = aggregate(scores)
-    return EvalReport(model=model, n_turns=agg["n"], em=agg["em"], f1=agg["f1"], per_source=agg["per_source"], duration=duration, data=data_name)
+    return aggregate(scores)
 
 
 def evaluate(
-    settings,
+    data: str | Path | list[EvalItem],
     *,
     model: str,
-    data: str | Path | list[EvalItem],
-    url: str | None = None,
+    url: str,
+    max_tokens: int,
+    concurrency: int,
     api_key: str | None = None,
+    timeout: float = 600.0,
     predictions_out: str | Path | None = None,
     progress: bool = True,
 ) -> EvalReport:
-    """Score `model` as served at `url` (default: the configured gateway) on a held-out file or items.
+    """Score `model` as served at `url` on a held-out file or items (`learn.eval_max_tokens` and
+    `learn.eval_concurrency` are what the learner and `tunewheel eval` pass).
 
     Runs its own event loop: call it from plain (non-async) code, e.g. the learner's thread.
     """
@@ -262,11 +270,11 @@ def evaluate(
         aevaluate(
             items,
             model=model,
-            url=url or settings.gateway_url,
-            max_tokens=settings.learn.eval_max_tokens,
-            concurrency=settings.learn.eval_concurrency,
+            url=url,
+            max_tokens=max_tokens,
+            concurrency=concurrency,
             api_key=api_key,
-            timeout=settings.serve.request_timeout_s,
+            timeout=timeout,
             predictions_out=predictions_out,
             progress=progress,
             data_name=None if isinstance(data, list) else str(data),

@@ -1,6 +1,7 @@
 """Train a restyler adapter and gate it: the learner's recipe on (neutral -> styled) pairs.
 
-    outcome = train_restyler(settings, registry, style="pirate", data_dir=..., gateway_url=...)
+    outcome = train_restyler(settings.learn.train, registry, style="pirate", data_dir=pairs_dir,
+                             base_model=settings.base_model_path(), dirs=settings.learn_dirs, gateway_url=url)
 
 Steps: train (in a child process, the learner's `learn.train` recipe) into a fresh version
 folder -> register it as a `restyler` candidate with its style -> rewrite every held-out
@@ -18,10 +19,14 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
 from learn.restyle import RestyleScores, gate, score
+from learn.settings import LearnDirs
+from learn.train import TrainResult, train_in_child
+from learn.train_config import TrainConfig, TrainError, run_record
 
 
 @dataclass
@@ -80,10 +85,11 @@ def score_model(url: str, model: str, pairs) -> tuple[RestyleScores, list[float]
     return score(model, [p[1] for p in pairs], outputs, [p[2] for p in pairs]), latencies
 
 
-def train_restyler(settings, registry, *, style: str, data_dir: Path, gateway_url: str, min_chrf_gain: float = 1.0,
-                   max_content_drop: float = 0.1, overrides: dict | None = None) -> RestyleOutcome:
-    from learn.train import TrainConfig, TrainError, train_in_child
-
+def train_restyler(config: TrainConfig, registry, *, style: str, data_dir: Path, base_model: str, dirs: LearnDirs,
+                   gateway_url: str, min_chrf_gain: float = 1.0, max_content_drop: float = 0.1,
+                   train: Callable[..., TrainResult] = train_in_child) -> RestyleOutcome:
+    """Train (`config`, the `[learn.train]` section with any overrides) on the style's pairs under
+    `data_dir`, score and gate; the version goes under `dirs.adapters`, its report under `dirs.runs`."""
     outcome = RestyleOutcome(style=style)
     train_file, heldout_file = Path(data_dir) / "restyle.train.jsonl", Path(data_dir) / "restyle.heldout.jsonl"
     for f in (train_file, heldout_file):
@@ -92,19 +98,16 @@ def train_restyler(settings, registry, *, style: str, data_dir: Path, gateway_ur
             return outcome
     name = registry.new_version_name("restyler", style)
     outcome.version = name
-    out_dir = settings.adapters_dir / name
-    train_settings = settings.learn.train.model_copy(update=overrides or {})
+    paths = dict(base_model=base_model, train_file=train_file, out_dir=dirs.adapters / name)
     try:
-        config = TrainConfig.from_settings(train_settings, base_model=settings.base_model_path(),
-                                           train_file=str(train_file), out_dir=str(out_dir))
-        result = train_in_child(config)
+        result = train(config, **paths)
     except TrainError as exc:
         outcome.error = f"training failed, the promoted restyler is unchanged: {exc}"
         return outcome
     outcome.train_metrics = result.metrics
     parent = registry.prod("restyler", style)
     registry.register(name, kind="restyler", style=style, path=result.out_dir, parent=parent.name if parent else None,
-                      train_config=asdict(config), metrics={"train": result.metrics})
+                      train_config=run_record(config, **paths), metrics={"train": result.metrics})
     pairs = read_pairs(heldout_file)
     try:
         base, _ = score_model(gateway_url, "base", pairs)
@@ -123,7 +126,7 @@ def train_restyler(settings, registry, *, style: str, data_dir: Path, gateway_ur
         outcome.promoted = True
     else:
         registry.reject(name, gate_record, metrics={"heldout": outcome.candidate})
-    report = Path(settings.runs_dir) / f"{name}.json"
+    report = Path(dirs.runs) / f"{name}.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(asdict(outcome), indent=2) + "\n")
     return outcome

@@ -8,21 +8,31 @@
     min_new_ratings = 200       # also run once 200 turns were rated since the last cycle
     check_seconds = 60          # ... checked this often
 
-APScheduler 3 runs the jobs with coalescing (missed runs collapse into one), one instance
-per job, a misfire grace of an hour, and a single worker thread, so in one process a cycle
-never starts while another runs. Across processes and replicas `run_cycle` takes the
-database lock, and a cycle that finds it taken ends at once as "skipped".
+    learner = Learner(cycle_runner(settings), db=db, schedule=settings.learn.schedule)
+    scheduler = build_scheduler(settings.learn.schedule, learner)      # BackgroundScheduler
+    scheduler.start()
+
+`Learner` gets a plain `run(trigger) -> LearnerCycle` (learn/cycle.py `cycle_runner` builds it;
+tests hand it a recorder) and never sees the gateway: whoever assembles the process puts the
+"converge serving now" callable into that runner. APScheduler 3 runs the jobs with coalescing
+(missed runs collapse into one), one instance per job, a misfire grace of an hour, and a single
+worker thread, so in one process a cycle never starts while another runs. Across processes and
+replicas `run_cycle` takes the database lock, and a cycle that finds it taken ends at once as
+"skipped".
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 from sqlalchemy import Engine
+
+from feedback.queries import rated_turns
+from learn.cycle import LearnerCycle, last_cycle
+from learn.settings import ScheduleSettings
 
 log = logging.getLogger("tunewheel.learn")
 
@@ -31,41 +41,29 @@ MISFIRE_GRACE_S = 3600
 
 def new_rated_turns(db: Engine) -> int:
     """Turns rated since the last cycle started (all rated turns before the first cycle)."""
-    from feedback.queries import rated_turns
-    from learn.cycle import last_cycle
-
     last = last_cycle(db)
     return rated_turns(db, since=last.started_at if last is not None else None)
 
 
 class Learner:
-    """The jobs: a timed cycle and a new-ratings check, both ending in `run_cycle`."""
+    """The jobs: a timed cycle and a new-ratings check, both ending in `run(trigger)`."""
 
-    def __init__(self, settings, *, db: Engine | None = None, reconcile: Callable[[], Any] | None = None,
-                 run: Callable[..., Any] | None = None, observe: Callable[[Any], Any] | None = None):
-        from feedback.db import make_db
-        from learn.cycle import run_cycle
+    def __init__(self, run: Callable[[str], LearnerCycle], *, db: Engine, schedule: ScheduleSettings):
+        self.run, self.db, self.schedule = run, db, schedule
+        self.last_cycle: LearnerCycle | None = None
 
-        self.settings = settings
-        self.db = db or make_db(settings.store_url)
-        self.reconcile = reconcile
-        self.run = run or run_cycle
-        self.observe = observe
-        self.last_report = None
-
-    def cycle(self, trigger: str = "schedule"):
+    def cycle(self, trigger: str = "schedule") -> LearnerCycle | None:
         """One cycle; never raises (a scheduler job that raises only logs, and the cycle records itself)."""
         try:
-            self.last_report = self.run(self.settings, reconcile=self.reconcile, trigger=trigger, db=self.db,
-                                       observe=self.observe)
-            log.info("learner cycle (%s): %s", trigger, self.last_report.text())
+            self.last_cycle = self.run(trigger)
+            log.info("learner cycle (%s): %s", trigger, self.last_cycle.text())
         except Exception:
             log.exception("learner cycle (%s) crashed", trigger)
-        return self.last_report
+        return self.last_cycle
 
     def check_ratings(self) -> None:
         """Start a cycle when at least `min_new_ratings` turns were rated since the last one."""
-        need = self.settings.learn.schedule.min_new_ratings
+        need = self.schedule.min_new_ratings
         try:
             n = new_rated_turns(self.db)
         except Exception:
@@ -76,8 +74,8 @@ class Learner:
             self.cycle(trigger="ratings")
 
 
-def add_jobs(scheduler, learner: Learner, schedule) -> list[str]:
-    """Register the jobs of `schedule` (settings.learn.schedule) on an APScheduler 3 scheduler; returns their ids."""
+def add_jobs(scheduler, learner: Learner, schedule: ScheduleSettings) -> list[str]:
+    """Register the jobs of `schedule` on an APScheduler 3 scheduler; returns their ids."""
     from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.interval import IntervalTrigger
 
@@ -96,47 +94,21 @@ def add_jobs(scheduler, learner: Learner, schedule) -> list[str]:
     return ids
 
 
-def build_scheduler(settings, *, reconcile: Callable[[], Any] | None = None, blocking: bool = False,
-                    learner: Learner | None = None, observe: Callable[[Any], Any] | None = None):
-    """A Background (or Blocking) scheduler with one worker thread and the learner's jobs."""
+def build_scheduler(schedule: ScheduleSettings, learner: Learner, *, blocking: bool = False):
+    """A Background (or Blocking) scheduler with one worker thread and the learner's jobs (not started)."""
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.schedulers.blocking import BlockingScheduler
 
-    learner = learner or Learner(settings, reconcile=reconcile, observe=observe)
     cls = BlockingScheduler if blocking else BackgroundScheduler
     scheduler = cls(executors={"default": ThreadPoolExecutor(max_workers=1)}, timezone="UTC")
-    ids = add_jobs(scheduler, learner, settings.learn.schedule)
-    if not ids:
+    if not add_jobs(scheduler, learner, schedule):
         log.warning("no learner schedule configured (learn.schedule.cron, interval_minutes or min_new_ratings): nothing will run")
-    scheduler.learner = learner
     return scheduler
 
 
-def _app_reconcile(app) -> Callable[[], None]:
-    """Reconcile the gateway's serving side from the scheduler's thread, on the app's event loop."""
-
-    def reconcile() -> None:
-        reconciler = getattr(app.state, "reconciler", None)
-        loop = getattr(reconciler, "loop", None)
-        if reconciler is None or loop is None:
-            return  # the periodic pass of the gateway converges anyway
-        asyncio.run_coroutine_threadsafe(reconciler.reconcile(), loop).result(timeout=300)
-
-    return reconcile
-
-
-def start_in_process(settings, app, *, observe: Callable[[Any], Any] | None = None):
-    """`tunewheel serve --with-learner`: the jobs in a background thread of the gateway process."""
-    scheduler = build_scheduler(settings, reconcile=_app_reconcile(app), observe=observe)
-    scheduler.start()
-    log.info("learner scheduler started: %s", ", ".join(str(j.trigger) for j in scheduler.get_jobs()) or "no jobs")
-    return scheduler
-
-
-def run_forever(settings, *, observe: Callable[[Any], Any] | None = None) -> None:
-    """`tunewheel learn schedule`: the scheduler alone until SIGINT/SIGTERM (the running cycle finishes)."""
-    scheduler = build_scheduler(settings, blocking=True, observe=observe)
+def run_forever(scheduler) -> None:
+    """`tunewheel learn schedule`: a blocking scheduler until SIGINT/SIGTERM (the running cycle finishes)."""
     if not scheduler.get_jobs():
         raise ValueError("no learner schedule configured: set learn.schedule.cron, interval_minutes or min_new_ratings")
 

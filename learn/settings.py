@@ -3,7 +3,7 @@
 
     [learn]
     heldout_file = "heldout.json"          # the operator's held-out set (learner format or CoQA JSON)
-    [learn.train]
+    [learn.train]                          # learn/train_config.py: TrainConfig, one docstring per key
     rank = 16
     [learn.gate]
     min_f1_gain = 0.01
@@ -15,13 +15,18 @@ settings object.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from feedback.curate import CurationConfig
+from learn.train_config import TrainConfig
+
+log = logging.getLogger("tunewheel.learn")
+_warned_metrics_port = False
 
 
 class GateSettings(BaseModel):
@@ -36,29 +41,8 @@ class ScheduleSettings(BaseModel):
     check_seconds: float = Field(60.0, description="How often the new-ratings trigger is checked.")
 
 
-class TrainSettings(BaseModel):
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    learning_rate: float = 2e-4
-    lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
-    warmup_ratio: float = 0.05
-    epochs: int = 1
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 384
-    seed: int = 0
-    train_on_inputs: Literal["true", "false", "auto"] = Field("auto", description="Loss on every token, on assistant turns only, or auto (false for chat data).")
-    qlora: bool = Field(False, description="4-bit base through bitsandbytes (CUDA only).")
-    early_stopping_patience: int = Field(1, description="Epochs without validation improvement before stopping.")
-    min_examples: int = Field(8, description="A snapshot smaller than this is too small to train on.")
-    max_steps: int | None = Field(None, description="Stop after this many optimizer steps (tests, smoke runs).")
-    threads: int | None = Field(None, description="torch CPU threads for training; default half the cores, leaving room for a CPU engine on the same machine.")
-
-
 class LearnSettings(BaseModel):
-    train: TrainSettings = Field(default_factory=TrainSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     gate: GateSettings = Field(default_factory=GateSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     heldout_fraction: float = Field(0.1, description="Share of conversations held out by curation.")
@@ -66,8 +50,17 @@ class LearnSettings(BaseModel):
     seed_files: list[str] = Field(default_factory=list, description="Operator seed datasets (chat JSONL or CoQA JSON) added to every snapshot's training data.")
     eval_concurrency: int = Field(8, description="Requests in flight during evaluation.")
     eval_max_tokens: int = Field(32, description="max_tokens of evaluation answers.")
-    metrics_port: int | None = Field(9464, description="`tunewheel learn schedule` serves its Prometheus metrics on this port (None: off).")
+    metrics_port: int | None = Field(None, description="Deprecated and ignored: the gateway's /metrics serves the learner's figures, "
+                                                       "read from the store. Accepted so that older config files still load.")
     pii_scrub: bool = Field(True, description="Replace e-mails, phone and card numbers with placeholders during curation.")
+
+    @model_validator(mode="after")
+    def _deprecated(self) -> LearnSettings:
+        global _warned_metrics_port
+        if self.metrics_port is not None and not _warned_metrics_port:
+            _warned_metrics_port = True  # settings load several times per process: say it once
+            log.warning("learn.metrics_port is deprecated and ignored: the learner's metrics are on the gateway's /metrics")
+        return self
 
     def curation(self, max_tokens: int | None = None) -> CurationConfig:
         """How curation turns this learner's logs into data: token limit (default train.max_length; 0: none),

@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -67,6 +67,30 @@ def _build_store(settings):
     return writer, Registry(writer.engine)
 
 
+def converge_on(app, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """The learner's "make serving converge now", called from its thread: one reconciler pass on the gateway's loop."""
+
+    def converge() -> None:
+        reconciler = getattr(app.state, "reconciler", None)
+        if reconciler is None:
+            return  # not up yet: its first pass reads the registry anyway
+        asyncio.run_coroutine_threadsafe(reconciler.reconcile(), loop).result(timeout=300)
+
+    return converge
+
+
+def start_learner(settings, db, *, converge: Callable[[], None]):
+    """`--with-learner`: the learner's jobs in a background thread of this process (an APScheduler)."""
+    from learn.cycle import cycle_runner
+    from learn.scheduler import Learner, build_scheduler
+
+    learner = Learner(cycle_runner(settings, converge=converge), db=db, schedule=settings.learn.schedule)
+    scheduler = build_scheduler(settings.learn.schedule, learner)
+    scheduler.start()
+    log.info("learner scheduler started: %s", ", ".join(str(j.trigger) for j in scheduler.get_jobs()) or "no jobs")
+    return scheduler
+
+
 async def run_serve(settings, *, with_learner: bool = False) -> None:
     """Engine, gateway (and learner) until SIGINT/SIGTERM; then everything stops, gateway first."""
     import uvicorn
@@ -103,9 +127,7 @@ async def run_serve(settings, *, with_learner: bool = False) -> None:
         writer, registry = await asyncio.to_thread(_build_store, settings)
         app = create_app(settings, engine=engine, writer=writer, registry=registry)
         if with_learner:
-            from learn.scheduler import start_in_process
-
-            learner = start_in_process(settings, app)
+            learner = start_learner(settings, registry.db, converge=converge_on(app, loop))
         server = uvicorn.Server(uvicorn.Config(app, host=settings.serve.host, port=settings.serve.port,
                                                log_level="info", lifespan="on", timeout_graceful_shutdown=30))
         if not stopping:

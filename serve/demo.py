@@ -207,14 +207,16 @@ def users_round(url: str, users_file: Path, concurrency: int = 8) -> dict:
 def heldout_scores(settings, url: str, heldout: Path) -> dict:
     from learn.evaluate import evaluate
 
-    return evaluate(settings, model="chat", data=heldout, url=url, progress=False).to_dict()
+    return evaluate(heldout, model="chat", url=url, max_tokens=settings.learn.eval_max_tokens, concurrency=settings.learn.eval_concurrency,
+                    timeout=settings.serve.request_timeout_s, progress=False).to_dict()
 
 
 def run_cycle_with_progress(settings, url: str):
-    from learn.cycle import run_cycle
+    from learn.cycle import cycle_runner
 
     result: dict = {}
-    worker = threading.Thread(target=lambda: result.setdefault("report", run_cycle(settings, gateway_url=url, trigger="demo")))
+    run = cycle_runner(settings, gateway_url=url)  # the server is another process: its reconciler polls the registry
+    worker = threading.Thread(target=lambda: result.setdefault("report", run("demo")))
     started = time.monotonic()
     worker.start()
     while worker.is_alive():
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         after = {"heldout": report.candidate_scores, "users": users_round(url, files["users"])}
         say(f"  users: {after['users']['up']}/{after['users']['total']} thumbs up, answered by {after['users']['versions']}")
         say("\n" + table(before, after, report.version))
-        (DEMO_DIR / "demo_result.json").write_text(json.dumps({"before": before, "after": after, "cycle": report.to_dict()}, indent=2, default=str))
+        (DEMO_DIR / "demo_result.json").write_text(json.dumps({"before": before, "after": after, "cycle": report.model_dump(mode="json")}, indent=2, default=str))
         say(f"\ndemo finished in {(time.monotonic() - t_start) / 60:.1f} min; results in {DEMO_DIR / 'demo_result.json'}")
         return 0
     except Exception:

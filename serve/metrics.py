@@ -66,15 +66,15 @@ for _kind in ("chat", "restyler"):
 
 
 def observe_cycle(report) -> None:
-    """Export a finished learner cycle (learn.cycle.CycleReport) to the learner's metrics."""
+    """Export a finished learner cycle (learn.cycle.LearnerCycle) to the learner's metrics."""
     CYCLES.labels(outcome=report.outcome).inc()
     LAST_CYCLE.labels(outcome=report.outcome).set(time.time())
     if report.train_examples is not None:
         DATASET_SIZE.labels(split="train").set(report.train_examples)
     if report.heldout_items is not None:
         DATASET_SIZE.labels(split="heldout").set(report.heldout_items)
-    if report.train:
-        TRAIN_SECONDS.set(report.train.get("duration_s") or report.timings.get("train_s", 0.0))
+    if report.train_metrics:
+        TRAIN_SECONDS.set(report.train_metrics.get("duration_s") or (report.timings or {}).get("train_s", 0.0))
     for role, scores in (("champion", report.champion_scores), ("candidate", report.candidate_scores)):
         if scores:
             EVAL_SCORE.labels(role=role, metric="em").set(scores["em"])

@@ -1,0 +1,1 @@
+"""The whole loop on the real engine: chat, rate, learn, promote, hot-swap (slow, engine)."""

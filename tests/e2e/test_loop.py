@@ -2,8 +2,8 @@
 
     TUNEWHEEL_TEST_ENGINE_URL=http://127.0.0.1:8101 pytest -m slow tests/e2e/test_loop.py
 
-A deliberately tiny cycle (16 seed conversations, 2 optimizer steps, rank 8, one held-out
-story from the other generator) so that it takes a minute or two on a CPU: what it checks
+A deliberately tiny cycle (16 seed conversations, which all fit the trainer's 384-token limit,
+2 optimizer steps, rank 8, one held-out story from the other generator) so that it takes a minute or two on a CPU: what it checks
 is that every stage hands the next one something real. The gate is opened wide (any F1 is
 enough) because two steps of training are not expected to beat the base model; the gate's
 own logic is tested in tests/learn/test_gate.py.
@@ -21,10 +21,18 @@ from sqlmodel import Session, select
 from feedback.synth import synth_coqa
 
 
+def serving(url: str) -> str | None:
+    """The version the gateway's /ready says `chat` resolves to."""
+    try:
+        return httpx.get(f"{url}/ready", timeout=5, trust_env=False).json().get("aliases", {}).get("chat")
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 @pytest.mark.slow
 @pytest.mark.engine
 def test_one_real_cycle_promotes_an_adapter_that_then_answers(make_gateway, engine_url, model_dir, tmp_path):
-    from learn.cycle import LearnerCycle, run_cycle
+    from learn.cycle import LearnerCycle, cycle_runner
 
     seed, heldout = tmp_path / "seed.json", tmp_path / "heldout.json"
     seed.write_text(json.dumps(synth_coqa(stories=16, seed=0, variant="A")))
@@ -32,7 +40,7 @@ def test_one_real_cycle_promotes_an_adapter_that_then_answers(make_gateway, engi
     gw = make_gateway(
         engine={"model": str(model_dir)},
         learn={"seed_files": [str(seed)], "heldout_file": str(heldout), "eval_max_tokens": 16,
-               "train": {"max_steps": 2, "rank": 8, "alpha": 16, "max_length": 256, "batch_size": 4},
+               "train": {"max_steps": 2, "rank": 8, "alpha": 16, "max_length": 384, "batch_size": 4},
                "gate": {"min_f1_gain": -1.0, "max_em_drop": 1.0}},
     )
     client = gw.client()
@@ -42,7 +50,7 @@ def test_one_real_cycle_promotes_an_adapter_that_then_answers(make_gateway, engi
     gw.writer.flush()
     assert httpx.post(f"{gw.url}/v1/feedback", json={"completion_id": reply.id, "rating": "up"}, trust_env=False).status_code == 201
 
-    report = run_cycle(gw.settings, gateway_url=gw.url)
+    report = cycle_runner(gw.settings, gateway_url=gw.url)("manual")  # as `tunewheel learn run --url` does
     try:
         assert report.outcome == "promoted", report.text()
         assert report.train_examples >= 16 and report.heldout_items == 1
@@ -53,9 +61,10 @@ def test_one_real_cycle_promotes_an_adapter_that_then_answers(make_gateway, engi
         with Session(gw.db) as s:
             [row] = s.exec(select(LearnerCycle)).all()
         assert row.outcome == "promoted" and row.version == report.version
+        assert row.train_metrics["steps"] == 2 and row.gate["promote"] is True and row.snapshot.startswith("snap-")
 
         deadline = time.monotonic() + 120  # the gateway's reconciler picks the promotion up from the registry
-        while gw.app.state.aliases.resolve("chat") != report.version and time.monotonic() < deadline:
+        while serving(gw.url) != report.version and time.monotonic() < deadline:
             time.sleep(0.5)
         raw = client.chat.completions.with_raw_response.create(model="chat", messages=messages, max_tokens=8, temperature=0)
         assert raw.headers["x-tunewheel-adapter"] == report.version

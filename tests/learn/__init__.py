@@ -1,0 +1,1 @@
+"""Tests of learn/: config, recipe, evaluation, gate, registry, cycle, scheduler, restyler."""

@@ -1,11 +1,12 @@
-"""The learner cycle's bookkeeping, with training and evaluation replaced by fakes (seconds, no engine).
+"""The learner cycle's bookkeeping, with training and evaluation handed in as fakes (seconds, no engine).
 
     pytest tests/learn/test_cycle.py
 
-What a user would notice: a promotion moves prod and records the decision; a rejection and
-every failure (training crash, evaluation error) leave production where it was, record the
-cycle with its error and never leave a candidate looking servable; too little data is a
-"skipped" cycle with a message; the database lock stops a second, overlapping cycle. The real
+What a user would notice: a promotion moves prod, records the decision and asks serving to
+converge; a rejection and every failure (training crash, evaluation error) leave production where
+it was, record the cycle with its error and never leave a candidate looking servable; too little
+data is a "skipped" cycle with a message; the database lock stops a second, overlapping cycle.
+The cycle's one record is its `learner_cycle` row (and the report written from it). The real
 train -> serve -> promote path on the engine is tests/e2e/test_loop.py.
 """
 
@@ -18,17 +19,16 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-import feedback.check
-import learn.evaluate
-import learn.train
 from feedback.db import make_db
-from learn.cycle import CycleLock, LearnerCycle, run_cycle
-from learn.evaluate import EvalReport
+from learn.cycle import LearnerCycle, cycle_runner, run_cycle
+from learn.evaluate import EvalError, EvalReport
+from learn.lock import CycleLock
 from learn.registry import Registry
 from learn.train import TrainError, TrainResult
 from serve.settings import load_settings
 
 STORY = "Read the story and extract answers for the questions.\nStory: Ann has a red kite. She flies it on Sunday."
+URL = "http://gateway.test"
 
 
 def _chat(i: int) -> dict:
@@ -37,31 +37,34 @@ def _chat(i: int) -> dict:
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
+def setup(tmp_path, model_dir):
     seeds = tmp_path / "seed.jsonl"
     seeds.write_text("".join(json.dumps(_chat(i)) + "\n" for i in range(12)))
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text(json.dumps({"id": "h1", "source": "synth", "story": "Bo has a cat.",
                                    "turns": [{"question": "Who has a cat?", "answers": ["Bo"]}]}) + "\n")
-    model = tmp_path / "model"  # training is faked; the recipe only checks that the folder is a model
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    settings = load_settings(None, data_dir=tmp_path / "data", engine={"model": str(model)},
+    # training is faked; curation counts tokens with the real tokenizer
+    settings = load_settings(None, data_dir=tmp_path / "data", engine={"model": str(model_dir)},
                              learn={"seed_files": [str(seeds)], "heldout_file": str(heldout)})
-    monkeypatch.setattr(feedback.check, "load_token_counter", lambda _path: lambda batch: [10 for _ in batch])
     db = make_db(settings.store_url)
     return settings, db, Registry(db)
 
 
-def fake_train(config, timeout=None) -> TrainResult:
-    out = Path(config.out_dir)
+def cycle(settings, db, **collaborators) -> LearnerCycle:
+    """`run_cycle` with the settings' section and folders; `collaborators`: train, evaluate, converge."""
+    return run_cycle(settings.learn, db=db, dirs=settings.learn_dirs, base_model=settings.base_model_path(),
+                     gateway_url=URL, **collaborators)
+
+
+def fake_train(config, *, base_model, train_file, out_dir, val_file=None, timeout=None) -> TrainResult:
+    out = Path(out_dir)
     out.mkdir(parents=True)
     (out / "adapter_config.json").write_text("{}")
     return TrainResult(out_dir=out, metrics={"steps": 3, "duration_s": 1.0, "train_loss": 1.0, "val_loss": 1.1, "tokens_per_s": 100})
 
 
 def fake_scores(scores: dict[str, tuple[float, float]], calls: list | None = None):
-    def evaluate(settings, *, model, data, url=None, api_key=None, predictions_out=None, progress=True):
+    def evaluate(data, *, model, url, max_tokens, concurrency, api_key=None, timeout=600, predictions_out=None, progress=True):
         if calls is not None:
             calls.append(model)
         em, f1 = scores["candidate" if model.startswith("chat@") and not model.endswith(scores.get("champ", "-")) else "champion"]
@@ -70,57 +73,63 @@ def fake_scores(scores: dict[str, tuple[float, float]], calls: list | None = Non
     return evaluate
 
 
+BETTER = fake_scores({"champion": (0.2, 0.4), "candidate": (0.6, 0.9)})
+
+
 def cycles(db) -> list[LearnerCycle]:
     with Session(db) as s:
         return list(s.exec(select(LearnerCycle).order_by(LearnerCycle.id)))
 
 
-def test_better_candidate_is_promoted_and_recorded(setup, monkeypatch):
+def test_better_candidate_is_promoted_recorded_and_served(setup):
     settings, db, registry = setup
     calls: list[str] = []
-    monkeypatch.setattr(learn.train, "train_in_child", fake_train)
-    monkeypatch.setattr(learn.evaluate, "evaluate", fake_scores({"champion": (0.2, 0.4), "candidate": (0.6, 0.9)}, calls))
-
-    report = run_cycle(settings, db=db)
+    converged = []
+    report = cycle(settings, db, train=fake_train, evaluate=fake_scores({"champion": (0.2, 0.4), "candidate": (0.6, 0.9)}, calls),
+                   converge=lambda: converged.append(registry.prod("chat").name))
 
     assert report.outcome == "promoted", report.text()
     assert registry.prod("chat").name == report.version
+    assert converged == [report.version]  # serving was asked to converge after the promotion
     assert calls == ["base", f"chat@{report.version}"]  # champion (base: nothing promoted yet) then candidate
     version = registry.get(report.version)
     assert version.gate["promote"] is True and version.snapshot_hash == report.snapshot_hash
+    assert version.train_config["rank"] == settings.learn.train.rank
+    assert version.train_config["base_model"] == settings.base_model_path()
     assert report.train_examples == 12 and report.heldout_items == 1
-    [row] = cycles(db)
-    assert row.outcome == "promoted" and row.version == report.version and row.finished_at is not None
+    [row] = cycles(db)  # the returned cycle is the row
+    assert row.model_dump() == report.model_dump()
+    assert row.outcome == "promoted" and row.finished_at is not None and row.snapshot.startswith("snap-")
+    assert row.gate["promote"] is True and row.train_metrics["steps"] == 3
+    assert set(row.timings) == {"curate_s", "train_s", "evaluate_s"}
     text = Path(report.report_path).with_name("cycle.txt").read_text()
-    assert "PROMOTED" in text and "F1" in text
+    assert "PROMOTED" in text and "F1" in text and "3 steps" in text
+    assert json.loads(Path(report.report_path).read_text())["version"] == report.version
 
 
-def test_worse_candidate_is_rejected_and_prod_stays(setup, monkeypatch):
+def test_worse_candidate_is_rejected_and_prod_stays(setup):
     settings, db, registry = setup
-    monkeypatch.setattr(learn.train, "train_in_child", fake_train)
-    monkeypatch.setattr(learn.evaluate, "evaluate", fake_scores({"champion": (0.2, 0.4), "candidate": (0.6, 0.9)}))
-    first = run_cycle(settings, db=db)
-    monkeypatch.setattr(learn.evaluate, "evaluate", fake_scores({"champion": (0.6, 0.9), "candidate": (0.5, 0.8), "champ": first.version}))
-    second = run_cycle(settings, db=db)
+    first = cycle(settings, db, train=fake_train, evaluate=BETTER)
+    converged = []
+    second = cycle(settings, db, train=fake_train, converge=lambda: converged.append(1),
+                   evaluate=fake_scores({"champion": (0.6, 0.9), "candidate": (0.5, 0.8), "champ": first.version}))
 
-    assert second.outcome == "rejected"
+    assert second.outcome == "rejected" and converged == []
     assert second.champion == first.version
     assert registry.prod("chat").name == first.version
     assert registry.get(second.version).state == "rejected"
     assert registry.get(second.version).parent == first.version
+    assert cycles(db)[-1].gate["promote"] is False
 
 
-def test_training_failure_is_recorded_and_production_untouched(setup, monkeypatch):
+def test_training_failure_is_recorded_and_production_untouched(setup):
     settings, db, registry = setup
-    monkeypatch.setattr(learn.train, "train_in_child", fake_train)
-    monkeypatch.setattr(learn.evaluate, "evaluate", fake_scores({"champion": (0.2, 0.4), "candidate": (0.6, 0.9)}))
-    prod = run_cycle(settings, db=db).version
+    prod = cycle(settings, db, train=fake_train, evaluate=BETTER).version
 
-    def crash(config, timeout=None):
+    def crash(config, **paths):
         raise TrainError("training child was killed by SIGKILL (out of memory, or killed)")
 
-    monkeypatch.setattr(learn.train, "train_in_child", crash)
-    report = run_cycle(settings, db=db)
+    report = cycle(settings, db, train=crash, evaluate=BETTER)
 
     assert report.outcome == "failed" and "SIGKILL" in report.error
     assert registry.prod("chat").name == prod
@@ -128,15 +137,13 @@ def test_training_failure_is_recorded_and_production_untouched(setup, monkeypatc
     assert cycles(db)[-1].outcome == "failed" and "SIGKILL" in cycles(db)[-1].error
 
 
-def test_evaluation_failure_rejects_the_registered_candidate(setup, monkeypatch):
+def test_evaluation_failure_rejects_the_registered_candidate(setup):
     settings, db, registry = setup
-    monkeypatch.setattr(learn.train, "train_in_child", fake_train)
 
-    def unreachable(settings, **kw):
-        raise learn.evaluate.EvalError("http://127.0.0.1:8000 is unreachable")
+    def unreachable(data, **kw):
+        raise EvalError(f"{URL} is unreachable")
 
-    monkeypatch.setattr(learn.evaluate, "evaluate", unreachable)
-    report = run_cycle(settings, db=db)
+    report = cycle(settings, db, train=fake_train, evaluate=unreachable)
 
     assert report.outcome == "failed" and "unreachable" in report.error
     assert registry.prod("chat") is None
@@ -144,14 +151,24 @@ def test_evaluation_failure_rejects_the_registered_candidate(setup, monkeypatch)
     assert "unreachable" in registry.get(report.version).error
 
 
-def test_too_small_snapshot_is_skipped_with_a_clear_message(setup, monkeypatch):
+def test_a_failing_converge_does_not_undo_the_promotion(setup):
+    settings, db, registry = setup
+
+    def down():
+        raise ConnectionError("gateway gone")
+
+    report = cycle(settings, db, train=fake_train, evaluate=BETTER, converge=down)
+    assert report.outcome == "promoted" and registry.prod("chat").name == report.version
+
+
+def test_too_small_snapshot_is_skipped_with_a_clear_message(setup):
     settings, db, registry = setup
     settings.learn.train.min_examples = 50
-    monkeypatch.setattr(learn.train, "train_in_child", lambda *a, **k: pytest.fail("must not train"))
-    report = run_cycle(settings, db=db)
+    report = cycle(settings, db, train=lambda *a, **k: pytest.fail("must not train"), evaluate=BETTER)
     assert report.outcome == "skipped"
     assert "12 training examples" in report.message and "min_examples" in report.message
     assert registry.list("chat") == []
+    assert cycles(db)[-1].outcome == "skipped" and cycles(db)[-1].train_examples == 12
 
 
 def test_lock_is_exclusive_and_a_dead_holders_lock_expires(setup):
@@ -166,25 +183,45 @@ def test_lock_is_exclusive_and_a_dead_holders_lock_expires(setup):
     assert CycleLock(db).acquire()
 
 
-def test_two_overlapping_cycles_one_runs_the_other_skips(setup, monkeypatch):
+def test_two_overlapping_cycles_one_runs_the_other_skips(setup):
     settings, db, registry = setup
     started, release = threading.Event(), threading.Event()
 
-    def slow_train(config, timeout=None):
+    def slow_train(config, **paths):
         started.set()
         release.wait(30)
-        return fake_train(config)
+        return fake_train(config, **paths)
 
-    monkeypatch.setattr(learn.train, "train_in_child", slow_train)
-    monkeypatch.setattr(learn.evaluate, "evaluate", fake_scores({"champion": (0.2, 0.4), "candidate": (0.6, 0.9)}))
     results = {}
-    t = threading.Thread(target=lambda: results.setdefault("first", run_cycle(settings, db=make_db(settings.store_url))))
+    t = threading.Thread(target=lambda: results.setdefault(
+        "first", cycle(settings, make_db(settings.store_url), train=slow_train, evaluate=BETTER)))
     t.start()
     assert started.wait(30)
-    results["second"] = run_cycle(settings, db=make_db(settings.store_url))
+    results["second"] = cycle(settings, make_db(settings.store_url), train=slow_train, evaluate=BETTER)
     release.set()
     t.join(30)
 
     assert results["second"].outcome == "skipped" and "another learner cycle is running" in results["second"].message
     assert results["first"].outcome == "promoted"
     assert len(registry.list("chat")) == 1
+    assert len(cycles(db)) == 1  # the skipped one is not a cycle of its own
+
+
+def test_cycle_runner_builds_the_cycle_from_the_composed_settings(setup, monkeypatch):
+    settings, db, registry = setup
+    monkeypatch.setenv("TUNEWHEEL_API_KEY", "k-123")
+    seen = {}
+
+    def record(learn, **kw):
+        seen.update(kw, learn=learn)
+        return LearnerCycle(trigger=kw["trigger"], outcome="skipped")
+
+    monkeypatch.setattr("learn.cycle.run_cycle", record)  # the runner's own wiring is what is under test here
+    converge = lambda: None  # noqa: E731
+    assert cycle_runner(settings, converge=converge)("schedule").trigger == "schedule"
+    assert seen["learn"] is settings.learn and seen["dirs"] == settings.learn_dirs
+    assert seen["base_model"] == settings.base_model_path() and seen["gateway_url"] == settings.gateway_url
+    assert seen["api_key"] == "k-123" and seen["converge"] is converge
+    assert seen["evaluate"].keywords == {"timeout": settings.serve.request_timeout_s}
+    cycle_runner(settings, gateway_url=URL, api_key="other")("cli")
+    assert seen["gateway_url"] == URL and seen["api_key"] == "other"

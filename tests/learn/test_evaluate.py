@@ -19,7 +19,7 @@ import respx
 from typer.testing import CliRunner
 
 from learn.evaluate import EvalError, HeldoutError, evaluate, load_heldout, turn_messages
-from serve.settings import load_settings
+from learn.settings import LearnSettings
 
 URL = "http://gateway.test"
 
@@ -53,8 +53,13 @@ def heldout(tmp_path) -> Path:
 
 
 @pytest.fixture
-def settings(tmp_path):
-    return load_settings(None, data_dir=tmp_path / "data", learn={"eval_concurrency": 3, "eval_max_tokens": 24})
+def learn():
+    return LearnSettings(eval_concurrency=3, eval_max_tokens=24)
+
+
+def scored(data, learn: LearnSettings, **kw):
+    """`evaluate` with the section's limits, as the learner and `tunewheel eval` call it."""
+    return evaluate(data, max_tokens=learn.eval_max_tokens, concurrency=learn.eval_concurrency, progress=False, **kw)
 
 
 class FakeGateway:
@@ -149,12 +154,12 @@ def test_prompt_is_story_then_gold_history_then_question(heldout):
 # -- scoring through a faked gateway --------------------------------------------------------
 
 
-def test_scores_through_the_gateway(heldout, settings, tmp_path):
+def test_scores_through_the_gateway(heldout, learn, tmp_path):
     fake = FakeGateway()
     preds = tmp_path / "preds.jsonl"
     with respx.mock(assert_all_called=True) as mock:
         mock.post(f"{URL}/v1/chat/completions").mock(side_effect=fake)
-        report = evaluate(settings, model="chat@chat-v0002", data=heldout, url=URL, predictions_out=preds, progress=False)
+        report = scored(heldout, learn, model="chat@chat-v0002", url=URL, predictions_out=preds)
 
     assert report.n_turns == 5
     assert report.em == pytest.approx((1 + 0.5 + 1 + 0 + 0) / 5)
@@ -172,27 +177,27 @@ def test_scores_through_the_gateway(heldout, settings, tmp_path):
     assert lines[3]["f1"] == pytest.approx(2 / 3)
 
 
-def test_unknown_model_fails_at_once(heldout, settings):
+def test_unknown_model_fails_at_once(heldout, learn):
     with respx.mock() as mock:
         route = mock.post(f"{URL}/v1/chat/completions").respond(404, json={"error": {"message": "model 'nope' not found"}})
         with pytest.raises(EvalError, match="refused model 'nope' with 404"):
-            evaluate(settings, model="nope", data=heldout, url=URL, progress=False)
-    assert route.call_count <= settings.learn.eval_concurrency  # no retries of a client error
+            scored(heldout, learn, model="nope", url=URL)
+    assert route.call_count <= learn.eval_concurrency  # no retries of a client error
 
 
-def test_transient_server_errors_are_retried(heldout, settings):
+def test_transient_server_errors_are_retried(heldout, learn):
     fake = FakeGateway()
     with respx.mock() as mock:
         mock.post(f"{URL}/v1/chat/completions").mock(side_effect=[httpx.Response(503), *[fake] * 5])
-        report = evaluate(settings, model="chat", data=heldout, url=URL, progress=False)
+        report = scored(heldout, learn, model="chat", url=URL)
     assert report.n_turns == 5 and len(fake.bodies) == 5
 
 
-def test_unreachable_gateway_is_a_clear_error(heldout, settings):
+def test_unreachable_gateway_is_a_clear_error(heldout, learn):
     with respx.mock() as mock:
         mock.post(f"{URL}/v1/chat/completions").mock(side_effect=httpx.ConnectError("refused"))
         with pytest.raises(EvalError, match="cannot reach"):
-            evaluate(settings, model="chat", data=heldout, url=URL, progress=False)
+            scored(heldout, learn, model="chat", url=URL)
 
 
 def test_cli_prints_the_table_and_writes_the_report(heldout, tmp_path, monkeypatch):
@@ -229,7 +234,7 @@ def test_cli_rejects_a_bad_file_before_any_request(tmp_path, monkeypatch):
 @pytest.mark.engine
 def test_scores_the_base_model_through_the_real_gateway(gateway, heldout, tmp_path):
     preds = tmp_path / "preds.jsonl"
-    report = evaluate(gateway.settings, model="base", data=heldout, url=gateway.url, predictions_out=preds, progress=False)
+    report = scored(heldout, gateway.settings.learn, model="base", url=gateway.url, predictions_out=preds)
     assert report.n_turns == 5
     assert 0.0 <= report.em <= report.f1 <= 1.0  # a turn's F1 is 1 whenever its EM is
     assert set(report.per_source) == {"race", "cnn"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from learn.train import IGNORE, encode
+from learn.train_data import IGNORE, encode
 
 SYSTEM = "Story: Anna keeps three goats on a hill above the harbour."
 QUESTIONS = ["Who keeps goats?", "How many?", "Where are they?"]

@@ -2,8 +2,10 @@
 
     pytest tests/learn/test_scheduler.py
 
-Cycles are replaced by a recording fake; the lock across processes is tested with real
-cycles in tests/learn/test_cycle.py.
+Cycles are replaced by a recording `run` (the Learner gets a plain callable); the lock across
+processes is tested with real cycles in tests/learn/test_cycle.py. The in-process learner of
+`tunewheel serve --with-learner` converges serving through a callable built where the gateway
+is assembled (serve/cli_serve.py), tested here because it is the learner's wiring.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from feedback.models import Conversation, Turn, utcnow
 from feedback.db import make_db
 from learn.cycle import LearnerCycle
 from learn.scheduler import Learner, build_scheduler, new_rated_turns, run_forever
+from learn.settings import ScheduleSettings
 from serve.settings import load_settings
 
 
@@ -30,7 +33,7 @@ class Recorder:
         self.hold_s = hold_s
         self.lock = threading.Lock()
 
-    def __call__(self, settings, *, reconcile=None, trigger="schedule", db=None, observe=None):
+    def __call__(self, trigger: str) -> LearnerCycle:
         with self.lock:
             self.running += 1
             self.max_running = max(self.max_running, self.running)
@@ -38,16 +41,12 @@ class Recorder:
         time.sleep(self.hold_s)
         with self.lock:
             self.running -= 1
-
-        class Report:
-            def text(self):
-                return "ok"
-
-        return Report()
+        return LearnerCycle(trigger=trigger, outcome="skipped", message="recorded")
 
 
-def _settings(tmp_path, **schedule):
-    return load_settings(None, data_dir=tmp_path, learn={"schedule": schedule})
+@pytest.fixture
+def db(tmp_path):
+    return make_db(load_settings(None, data_dir=tmp_path).store_url)
 
 
 def _rate(db, n: int, *, at=None) -> None:
@@ -62,25 +61,25 @@ def _rate(db, n: int, *, at=None) -> None:
         s.commit()
 
 
-def test_jobs_follow_the_config(tmp_path):
-    cron = build_scheduler(_settings(tmp_path, cron="0 3 * * *", min_new_ratings=5), learner=Learner(_settings(tmp_path), run=Recorder()))
+def test_jobs_follow_the_config(db):
+    schedule = ScheduleSettings(cron="0 3 * * *", min_new_ratings=5)
+    cron = build_scheduler(schedule, Learner(Recorder(), db=db, schedule=schedule))
     jobs = {j.id: j for j in cron.get_jobs()}
     assert set(jobs) == {"learner-cycle", "learner-ratings"}
     assert "hour='3'" in str(jobs["learner-cycle"].trigger)
     for job in jobs.values():
         assert job.coalesce is True and job.max_instances == 1 and job.misfire_grace_time > 0
 
-    none = build_scheduler(_settings(tmp_path), learner=Learner(_settings(tmp_path), run=Recorder()))
+    nothing = ScheduleSettings()
+    none = build_scheduler(nothing, Learner(Recorder(), db=db, schedule=nothing), blocking=True)
     assert none.get_jobs() == []
     with pytest.raises(ValueError, match="no learner schedule"):
-        run_forever(_settings(tmp_path))
+        run_forever(none)
 
 
-def test_new_ratings_trigger_counts_only_ratings_since_the_last_cycle(tmp_path):
-    settings = _settings(tmp_path, min_new_ratings=3)
-    db = make_db(settings.store_url)
+def test_new_ratings_trigger_counts_only_ratings_since_the_last_cycle(db):
     run = Recorder()
-    learner = Learner(settings, db=db, run=run)
+    learner = Learner(run, db=db, schedule=ScheduleSettings(min_new_ratings=3))
 
     _rate(db, 2, at=utcnow() - timedelta(hours=2))
     learner.check_ratings()
@@ -89,6 +88,7 @@ def test_new_ratings_trigger_counts_only_ratings_since_the_last_cycle(tmp_path):
     _rate(db, 1, at=utcnow() - timedelta(hours=2))
     learner.check_ratings()
     assert run.triggers == ["ratings"]
+    assert learner.last_cycle.message == "recorded"
 
     with Session(db) as s:  # a cycle ran an hour ago: the three older ratings no longer count
         s.add(LearnerCycle(started_at=utcnow() - timedelta(hours=1), outcome="promoted"))
@@ -100,10 +100,17 @@ def test_new_ratings_trigger_counts_only_ratings_since_the_last_cycle(tmp_path):
     assert new_rated_turns(db) == 3
 
 
-def test_a_slow_cycle_never_overlaps_the_next_tick(tmp_path):
-    settings = _settings(tmp_path, interval_minutes=0.001)  # a tick every 60 ms, cycles of 300 ms
+def test_a_crashing_run_is_logged_not_raised(db):
+    def crash(trigger):
+        raise RuntimeError("boom")
+
+    assert Learner(crash, db=db, schedule=ScheduleSettings()).cycle("cron") is None
+
+
+def test_a_slow_cycle_never_overlaps_the_next_tick(db):
+    schedule = ScheduleSettings(interval_minutes=0.001)  # a tick every 60 ms, cycles of 300 ms
     run = Recorder(hold_s=0.3)
-    scheduler = build_scheduler(settings, learner=Learner(settings, run=run))
+    scheduler = build_scheduler(schedule, Learner(run, db=db, schedule=schedule))
     scheduler.start()
     try:
         deadline = time.monotonic() + 30
@@ -115,11 +122,11 @@ def test_a_slow_cycle_never_overlaps_the_next_tick(tmp_path):
     assert run.max_running == 1
 
 
-def test_in_process_learner_reconciles_on_the_gateways_event_loop(tmp_path):
+def test_in_process_learner_converges_on_the_gateways_event_loop(tmp_path, db):
     import asyncio
     from types import SimpleNamespace
 
-    from learn.scheduler import _app_reconcile, start_in_process
+    from serve.cli_serve import converge_on, start_learner
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -127,18 +134,19 @@ def test_in_process_learner_reconciles_on_the_gateways_event_loop(tmp_path):
     seen = []
 
     class FakeReconciler:
-        def __init__(self):
-            self.loop = loop
-
         async def reconcile(self):
             seen.append(asyncio.get_running_loop())
             return {"chat": "chat-v0001"}
 
-    app = SimpleNamespace(state=SimpleNamespace(reconciler=FakeReconciler()))
+    app = SimpleNamespace(state=SimpleNamespace())
     try:
-        _app_reconcile(app)()  # called from the scheduler's thread after a promotion
+        converge = converge_on(app, loop)
+        converge()  # before the gateway's lifespan made its reconciler: nothing to do, no error
+        app.state.reconciler = FakeReconciler()
+        converge()  # called from the learner's thread after a promotion
         assert seen == [loop]
-        scheduler = start_in_process(_settings(tmp_path, min_new_ratings=10, check_seconds=3600), app)
+        settings = load_settings(None, data_dir=tmp_path, learn={"schedule": {"min_new_ratings": 10, "check_seconds": 3600}})
+        scheduler = start_learner(settings, db, converge=converge)
         assert [j.id for j in scheduler.get_jobs()] == ["learner-ratings"]
         scheduler.shutdown(wait=False)
     finally:

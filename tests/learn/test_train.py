@@ -2,10 +2,11 @@
 
     pytest tests/learn/test_train.py
 
-Seconds, no real weights: config validation, data errors with line numbers, the head-only-at-
-scored-positions loss against the full-head loss, a short run that lowers the loss and leaves a
-finished adapter + report (and no temp folder), and the child process: success, a clear error,
-and a SIGKILL mid-run that leaves nothing at out_dir.
+Seconds, no real weights: too little data, the head-only-at-scored-positions loss against the
+full-head loss, a short run that lowers the loss and leaves a finished adapter + report (and no
+temp folder), and the child process: success, a clear error, and a SIGKILL mid-run that leaves
+nothing at out_dir. The trainer's data check against `tunewheel data check` is
+tests/learn/test_train_data.py; the config, tests/learn/test_train_config.py.
 """
 
 from __future__ import annotations
@@ -19,51 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from learn.train import TrainConfig, TrainError, collate, encode, read_chat_jsonl, scored_count, scored_loss, train, train_in_child
-
-
-def coqa_rows(n: int) -> list[dict]:
-    """Short CoQA-style conversations: a story as system prompt, two questions with short answers."""
-    names = ["Anna", "Ben", "Chloe", "Dev"]
-    rows = []
-    for i in range(n):
-        name, count = names[i % len(names)], i % 5 + 2
-        rows.append({"messages": [
-            {"role": "system", "content": f"{name} keeps {count} goats on a hill."},
-            {"role": "user", "content": "Who keeps goats?"},
-            {"role": "assistant", "content": name},
-            {"role": "user", "content": "How many?"},
-            {"role": "assistant", "content": str(count)},
-        ]})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, model_dir) -> Path:
-    """A randomly initialised 2-layer Llama saved with the SmolLM2 tokenizer and chat template.
-
-    Weights drawn wider than the usual 0.02 so that a LoRA on it can move the tied head's logits far
-    enough for the loss to fall clearly within a few steps. No pad_token_id in its config: the pad
-    token is <|im_end|>, and an embedding's padding row starts at zero, which would pin that
-    (tied) output logit at 0.
-    """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, initializer_range=0.2, eos_token_id=tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from learn.train import TrainConfig, TrainError, main, train, train_in_child
+from learn.train_data import collate, encode, scored_count, scored_loss
+from tests.learn.chats import coqa_rows, write_jsonl
 
 
 @pytest.fixture
@@ -71,50 +30,20 @@ def data(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", coqa_rows(16))
 
 
-def tiny_config(tiny_model, data, out, **overrides) -> TrainConfig:
-    settings = dict(base_model=str(tiny_model), train_file=str(data), out_dir=str(out), rank=8, alpha=16,
-                    learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant", batch_size=4, max_length=128, device="cpu")
+def tiny_config(**overrides) -> TrainConfig:
+    settings = dict(rank=8, alpha=16, learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant", batch_size=4, max_length=128,
+                    device="cpu")
     return TrainConfig(**{**settings, **overrides})
 
 
-def test_config_errors_name_the_problem(tmp_path, tiny_model, data):
-    with pytest.raises(TrainError, match="train_file .* does not exist"):
-        tiny_config(tiny_model, tmp_path / "missing.jsonl", tmp_path / "a")
-    with pytest.raises(TrainError, match="rank and alpha"):
-        tiny_config(tiny_model, data, tmp_path / "a", rank=0)
-    with pytest.raises(TrainError, match="qlora needs CUDA"):
-        tiny_config(tiny_model, data, tmp_path / "a", qlora=True)
-    with pytest.raises(TrainError, match="not a model folder"):
-        tiny_config(tmp_path, data, tmp_path / "a")
-    (tmp_path / "taken").mkdir()
-    with pytest.raises(TrainError, match="never overwritten"):
-        tiny_config(tiny_model, data, tmp_path / "taken")
-
-
-def test_from_settings_copies_every_train_setting(tmp_path, tiny_model, data):
-    from learn.settings import TrainSettings
-
-    settings = TrainSettings(rank=4, alpha=8, epochs=2, train_on_inputs="true", max_steps=7)
-    config = TrainConfig.from_settings(settings, base_model=str(tiny_model), train_file=data, out_dir=tmp_path / "out")
-    assert {k: getattr(config, k) for k in settings.model_dump()} == settings.model_dump()
-    assert config.train_file == str(data)
-
-
-def test_bad_line_names_its_number(tmp_path):
-    lines = [json.dumps(coqa_rows(1)[0]), json.dumps(coqa_rows(1)[0]), '{"messages": [{"role": "bot", "content": "x"}]}']
-    path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(TrainError, match=r"bad.jsonl line 3: message 0 needs a role"):
-        read_chat_jsonl(path)
-    path.write_text(lines[0] + "\n{not json\n")
-    with pytest.raises(TrainError, match="line 2"):
-        read_chat_jsonl(path)
+def paths(tiny_model, data, out) -> dict:
+    return dict(base_model=str(tiny_model), train_file=data, out_dir=out)
 
 
 def test_too_few_examples_names_the_fix(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "small.jsonl", coqa_rows(3))
     with pytest.raises(TrainError, match="at least 8.*min_examples"):
-        train(tiny_config(tiny_model, data, tmp_path / "out"))
+        train(tiny_config(), **paths(tiny_model, data, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -139,7 +68,7 @@ def test_head_at_scored_positions_equals_full_head_loss(tiny_model):
 def test_short_run_learns_and_writes_a_finished_adapter(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "repeated.jsonl", coqa_rows(1) * 16)
     out = tmp_path / "chat-v0001"
-    result = train(tiny_config(tiny_model, data, out, epochs=4, max_steps=16, early_stopping_patience=4))
+    result = train(tiny_config(epochs=4, max_steps=16, early_stopping_patience=4), **paths(tiny_model, data, out))
 
     assert result.out_dir == out
     assert {"adapter_config.json", "adapter_model.safetensors", "report.json", "loss.png"} <= {p.name for p in out.iterdir()}
@@ -155,8 +84,26 @@ def test_short_run_learns_and_writes_a_finished_adapter(tmp_path, tiny_model):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
 
 
+def test_command_line_trains_with_flags_and_records_the_paths(tmp_path, tiny_model, data, capsys):
+    out = tmp_path / "cli-out"
+    argv = ["--base", str(tiny_model), "--train", str(data), "--out", str(out), "--rank", "4", "--max-steps", "1",
+            "--device", "cpu", "--lr-scheduler", "constant"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert f"adapter: {out}" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 1
+    assert report["config"]["rank"] == 4 and report["config"]["base_model"] == str(tiny_model)
+    assert report["config"]["train_file"] == str(data) and report["config"]["out_dir"] == str(out)
+
+
+def test_command_line_names_a_bad_flag_value(tmp_path, tiny_model, data, capsys):
+    assert main(["--base", str(tiny_model), "--train", str(data), "--out", str(tmp_path / "x"), "--rank", "0"]) == 2
+    assert "rank and alpha must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_child_trains_and_reports(tmp_path, tiny_model, data):
-    result = train_in_child(tiny_config(tiny_model, data, tmp_path / "out", max_steps=2))
+    result = train_in_child(tiny_config(max_steps=2), **paths(tiny_model, data, tmp_path / "out"))
     assert (result.out_dir / "adapter_model.safetensors").is_file()
     assert result.metrics["steps"] == 2
 
@@ -164,7 +111,7 @@ def test_child_trains_and_reports(tmp_path, tiny_model, data):
 def test_child_error_is_the_recipe_message(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "small.jsonl", coqa_rows(2))
     with pytest.raises(TrainError, match="at least 8"):
-        train_in_child(tiny_config(tiny_model, data, tmp_path / "out"))
+        train_in_child(tiny_config(), **paths(tiny_model, data, tmp_path / "out"))
 
 
 def training_children() -> list[int]:
@@ -186,7 +133,7 @@ def test_killed_child_leaves_nothing(tmp_path, tiny_model, data):
 
     def run():
         try:
-            train_in_child(tiny_config(tiny_model, data, out, epochs=1000, early_stopping_patience=1000))
+            train_in_child(tiny_config(epochs=1000, early_stopping_patience=1000), **paths(tiny_model, data, out))
         except TrainError as e:
             outcome["error"] = str(e)
 

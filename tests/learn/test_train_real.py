@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from learn.train import TrainConfig, collate, encode, scored_count, scored_loss, train
+from learn.train import TrainConfig, train
+from learn.train_data import collate, encode, scored_count, scored_loss
 
 STORIES = [
     ("The lighthouse on Gull Rock was painted red in 1910 by a keeper named Ada.", [("What was painted?", "The lighthouse"), ("What color?", "red"), ("Who painted it?", "Ada")]),
@@ -43,9 +44,8 @@ def test_real_smollm2_adapter_trains_and_loads(tmp_path, model_dir):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "chat-v0001"
-    config = TrainConfig(base_model=str(model_dir), train_file=str(data), out_dir=str(out), max_length=256,
-                         epochs=2, max_steps=5, learning_rate=1e-3, warmup_ratio=0.0, device="cpu")
-    result = train(config)
+    config = TrainConfig(max_length=256, epochs=2, max_steps=5, learning_rate=1e-3, warmup_ratio=0.0, device="cpu")
+    result = train(config, base_model=str(model_dir), train_file=data, out_dir=out)
 
     assert result.metrics["steps"] == 5 and result.metrics["tokens_per_s"] > 0
     assert {"adapter_config.json", "adapter_model.safetensors", "report.json", "loss.png"} <= {p.name for p in out.iterdir()}

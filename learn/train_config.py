@@ -1,0 +1,129 @@
+"""`TrainConfig`: how one LoRA adapter is trained. It *is* the `[learn.train]` config section.
+
+    [learn.train]                      # in tunewheel.toml; TUNEWHEEL_LEARN__TRAIN__RANK=8 works too
+    rank = 16
+    max_steps = 20
+
+    config = TrainConfig(rank=8, max_steps=20)            # from code; a bad value is a ValidationError
+    python -m learn.train --base B --train F --out D --rank 8   # every field is a flag (learn/train.py)
+
+Each field is documented once, by the docstring under it (pydantic's `use_attribute_docstrings`
+turns it into the field's description, which `python -m learn.train --help` prints). Values are
+checked when the config is built, so a bad config file fails at load time with the field's
+name, long before a model loads. Paths (base model, data files, output folder) are not part
+of the config: they are arguments of `train(...)` and `train_in_child(...)`, checked by
+`check_paths` before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainError(RuntimeError):
+    """Training cannot run or did not finish; the message says what to fix."""
+
+
+class TrainConfig(BaseModel):
+    """The `[learn.train]` section: LoRA, optimizer, data and device settings of one training run."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear layers that get LoRA matrices."""
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: int = 32
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    learning_rate: float = 2e-4
+    """Peak AdamW learning rate."""
+    lr_scheduler: Literal[SCHEDULERS] = "cosine"  # type: ignore[valid-type]
+    """transformers scheduler name: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or inverse_sqrt."""
+    warmup_ratio: float = 0.05
+    """Share of the optimizer steps spent warming the learning rate up."""
+    epochs: int = 1
+    """Passes over the training data."""
+    batch_size: int = 4
+    """Conversations per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_length: int = 384
+    """Tokens per conversation (chat template included); a data file with a longer one is refused, as `tunewheel data check` refuses it."""
+    seed: int = 0
+    """Seeds the validation split, batch order, LoRA init and dropout."""
+    val_fraction: float = 0.05
+    """Share of the training file held out for the validation loss when no validation file is given (at least one example)."""
+    train_on_inputs: Literal["true", "false", "auto"] = "auto"
+    """'true': loss on every token; 'false': on assistant turns only; 'auto': false for chat data."""
+    qlora: bool = False
+    """Load the base in 4-bit nf4 through bitsandbytes (CUDA only)."""
+    early_stopping_patience: int = 1
+    """Stop after this many epochs without a better validation loss."""
+    min_examples: int = 8
+    """Fewer training conversations than this is an error (and a learner cycle with fewer is skipped)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (smoke runs, tests, benchmarks)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' (cuda when available), 'cpu' or 'cuda'."""
+    threads: int | None = None
+    """torch CPU threads; default half the cores (at least 1): a CPU inference engine usually runs on the same
+    cores, and OpenMP threads waiting on busy cores made each step 10-20x slower (2 threads, 2 cores)."""
+
+    @field_validator("train_on_inputs", mode="before")
+    @classmethod
+    def _bool_spelling(cls, value: object) -> object:
+        # TOML users write `train_on_inputs = false` as often as "false".
+        return str(value).lower() if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        def need(ok: bool, problem: str) -> None:
+            if not ok:
+                raise ValueError(problem)
+
+        need(0 < self.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        need(bool(self.target_modules), "target_modules is empty: name the linear layers to adapt, e.g. q_proj v_proj")
+        need(self.rank >= 1 and self.alpha >= 1, f"rank and alpha must be >= 1, got {self.rank}, {self.alpha}")
+        need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        need(0 < self.learning_rate < 1, f"learning_rate must be in (0, 1), got {self.learning_rate}")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("epochs", "batch_size", "grad_accum", "min_examples", "early_stopping_patience"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
+        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 or unset, got {self.max_steps}")
+        need(self.threads is None or self.threads >= 1, f"threads must be >= 1 or unset, got {self.threads}")
+        need(not (self.qlora and self.device == "cpu"), "qlora needs CUDA (bitsandbytes 4-bit): set qlora=false to train in fp32 on CPU")
+        return self
+
+
+def looks_like_path(name: str) -> bool:
+    """A folder, not a Hugging Face id ('org/name' or 'name')."""
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def check_paths(*, base_model: str, train_file: str | Path, out_dir: str | Path, val_file: str | Path | None = None) -> None:
+    """The run's paths, checked before anything heavy loads; a problem is a TrainError saying what to fix."""
+    for name, path in (("train_file", train_file), ("val_file", val_file)):
+        if path is not None and not Path(path).is_file():
+            raise TrainError(f"{name} {path} does not exist: pass a chat JSONL file")
+    if looks_like_path(base_model) and not (Path(base_model) / "config.json").is_file():
+        raise TrainError(f"base_model {base_model} is not a model folder (no config.json): "
+                         "run `tunewheel model prepare` or pass a Hugging Face id")
+    if Path(out_dir).exists():
+        raise TrainError(f"out_dir {out_dir} already exists: adapters are never overwritten, choose a new folder")
+
+
+def run_record(config: TrainConfig, *, base_model: str, train_file: str | Path, out_dir: str | Path,
+               val_file: str | Path | None = None) -> dict:
+    """The config plus the run's paths: what a report.json and a registry version record as the training config."""
+    paths = {"base_model": str(base_model), "train_file": str(train_file), "out_dir": str(out_dir),
+             "val_file": None if val_file is None else str(val_file)}
+    return {**paths, **config.model_dump()}
