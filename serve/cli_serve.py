@@ -21,7 +21,6 @@ import logging
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -61,7 +60,7 @@ class ServerThread:
 def _build_store(settings):
     """Database (migrated), turn writer and adapter registry on `settings.store_url`."""
     from learn.registry import Registry
-    from serve.app import make_writer
+    from serve.gateway.app import make_writer
 
     writer = make_writer(settings)
     return writer, Registry(writer.engine)
@@ -71,7 +70,7 @@ async def run_serve(settings, *, with_learner: bool = False) -> None:
     """Engine, gateway (and learner) until SIGINT/SIGTERM; then everything stops, gateway first."""
     import uvicorn
 
-    from serve.app import create_app
+    from serve.gateway.app import create_app
     from serve.engine import EngineManager
 
     loop = asyncio.get_running_loop()
@@ -128,7 +127,7 @@ def serve(
     with_learner: Annotated[bool, typer.Option("--with-learner", help="Also run the learner's scheduler in this process.")] = False,
 ) -> None:
     """Start the vLLM engine (or attach to engine.url) and the OpenAI-compatible gateway."""
-    from serve.auth import check_bind
+    from serve.gateway.auth import check_bind
     from serve.engine import EngineStartError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -55,7 +55,7 @@ def test_one_real_cycle_promotes_an_adapter_that_then_answers(make_gateway, engi
         assert row.outcome == "promoted" and row.version == report.version
 
         deadline = time.monotonic() + 120  # the gateway's reconciler picks the promotion up from the registry
-        while gw.app.state.aliases.resolve("chat") != report.version and time.monotonic() < deadline:
+        while gw.router.table.resolve("chat") != report.version and time.monotonic() < deadline:
             time.sleep(0.5)
         raw = client.chat.completions.with_raw_response.create(model="chat", messages=messages, max_tokens=8, temperature=0)
         assert raw.headers["x-tunewheel-adapter"] == report.version
