@@ -53,7 +53,7 @@ class Reconciler:
 
     def __init__(self, router: Router, http_client: httpx.AsyncClient, engine_url: str, *, drain_timeout_s: float = 600.0):
         self.router = router
-        self.aliases = router.table
+        self.table = router.table  # what the engine serves now, and the leases a swap drains
         self.http = http_client
         self.engine_url = engine_url.rstrip("/")
         self.base_name = router.base
@@ -114,7 +114,7 @@ class Reconciler:
                 await self.http.post(f"{self.engine_url}/v1/unload_lora_adapter", json={"lora_name": version}, timeout=30)
                 self._owned.discard(version)
                 raise
-            self.aliases.loaded.add(version)
+            self.table.loaded.add(version)
             log.info("loaded adapter %s in %.0f ms, warmed in %.0f ms", version, loaded_ms, 1000 * (time.perf_counter() - t0) - loaded_ms)
 
     async def warm(self, name: str) -> None:
@@ -135,7 +135,7 @@ class Reconciler:
                 log.warning("unload of %s answered HTTP %s: %s", version, r.status_code, r.text[:200])
             self._owned.discard(version)
             self._pinned_used.pop(version, None)
-            self.aliases.loaded.discard(version)
+            self.table.loaded.discard(version)
             log.info("unloaded adapter %s", version)
 
     # --- the pass ------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class Reconciler:
         """One convergence pass; returns alias -> version now served. Never raises for a bad adapter."""
         async with self._pass_lock:
             targets = await asyncio.to_thread(self.router.targets)
-            before = {alias: self.aliases.resolve(alias) for alias in targets}
+            before = {alias: self.table.resolve(alias) for alias in targets}
             for alias, target in targets.items():
                 name = target.version
                 if target.path is not None:
@@ -156,10 +156,10 @@ class Reconciler:
                         await self._keep_current(alias, before.get(alias))
                         continue
                     self._owned.add(name)  # an aliased version is ours to unload later, even if another process loaded it
-                if self.aliases.resolve(alias) != name:
-                    self.aliases.set(alias, name)
+                if self.table.resolve(alias) != name:
+                    self.table.set(alias, name)
                     log.info("alias %s -> %s (was %s)", alias, name, before.get(alias))
-            now = {alias: self.aliases.resolve(alias) for alias in targets}
+            now = {alias: self.table.resolve(alias) for alias in targets}
             await self._retire(set(before.values()) - set(now.values()), keep=set(now.values()))
             await self._unload_idle_pinned(keep=set(now.values()))
             return now
@@ -172,7 +172,7 @@ class Reconciler:
             return
         if current is None or current not in loaded:
             log.error("alias %s: %s is not loaded either; serving the base model until the adapter is fixed", alias, current)
-            self.aliases.set(alias, self.base_name)
+            self.table.set(alias, self.base_name)
 
     async def _retire(self, old: set[str], keep: set[str]) -> None:
         """Unload versions no alias serves any more, each once its in-flight requests have finished."""
@@ -185,10 +185,10 @@ class Reconciler:
 
     async def _drain_then_unload(self, version: str) -> None:
         try:
-            drained = await self.aliases.drain(version, timeout=self.drain_timeout_s)
+            drained = await self.table.drain(version, timeout=self.drain_timeout_s)
             if drained is False:
                 log.warning("%s still had requests in flight after the drain timeout; unloading anyway", version)
-            if version in self.aliases.aliases().values():
+            if version in self.table.aliases().values():
                 return  # a rollback brought it back while we waited
             await self.unload(version)
         except Exception:
@@ -206,7 +206,7 @@ class Reconciler:
         """Load a version used outside the aliases (`chat@<version>`, a restyler) on demand;
         unloaded again once unused for PINNED_IDLE_S. Raises AdapterLoadError or httpx.HTTPError."""
         self._pinned_used[target.version] = time.monotonic()
-        if target.version in self._owned or target.version in self.aliases.aliases().values():
+        if target.version in self._owned or target.version in self.table.aliases().values():
             return
         await self.load(target.version, target.path)
 
@@ -231,7 +231,7 @@ class Reconciler:
         """Hook for the engine manager: a restarted engine has no adapters; forget and reload them."""
         self._owned.clear()
         self._pinned_used.clear()
-        self.aliases.loaded.clear()
+        self.table.loaded.clear()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -36,4 +36,3 @@ async def require_admin(request: Request, gateway: GatewayDep) -> Caller:
 
 
 CallerDep = Annotated[Caller, Depends(caller)]
-AdminDep = Annotated[Caller, Depends(require_admin)]
