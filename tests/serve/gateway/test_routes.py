@@ -1,15 +1,19 @@
-"""Feedback, auth and the operational routes (health, metrics) of the real gateway app, vLLM
-faked by respx.
+"""Feedback, auth, the operational routes (health, metrics) and the learner's converge hook of
+the real gateway app, vLLM faked by respx.
 
     pytest tests/serve/gateway/test_routes.py
 """
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 import pytest
 from sqlmodel import Session, select
 
 from feedback.models import Feedback, Turn
+from serve.gateway.app import converger
 from serve.gateway.auth import check_bind
 from serve.settings import hash_key, load_settings
 from tests.serve.gateway.fakes import MESSAGES, events, sse_chunks, turns, vllm_answer
@@ -37,6 +41,26 @@ async def test_the_gateway_metrics_route_reads_the_store(make_gw, upstream, tmp_
     assert 'tunewheel_requests_total{alias="chat",status="ok",version="base"}' in text
     assert 'tunewheel_promotions_total{kind="restyler"} 1.0' in text
     assert 'tunewheel_learner_cycles_total{outcome="failed"} 0.0' in text
+
+
+async def test_converger_swaps_a_promotion_in_at_once_from_another_thread(make_gw, upstream, tmp_path):
+    gw = await make_gw(registry=True)
+    loaded = [{"id": "base", "root": "/m"}]
+
+    def load(request):
+        loaded.append({"id": name, "root": str((tmp_path / name).resolve())})
+        return httpx.Response(200, text="ok")
+
+    upstream.get("/v1/models").mock(side_effect=lambda r: httpx.Response(200, json={"data": loaded}))
+    upstream.post("/v1/load_lora_adapter").mock(side_effect=load)
+    upstream.post("/v1/completions").respond(200, json={"choices": [{"index": 0, "text": "A"}]})  # warm-up
+    name = gw.registry.new_version_name("chat")
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "adapter_config.json").write_text("{}")
+    gw.registry.register(name, kind="chat", path=tmp_path / name)
+    gw.registry.promote(name)  # as the learner does, in its own thread
+    await asyncio.to_thread(converger(gw.app))  # the learner's thread waits for the swap
+    assert gw.router.table.resolve("chat") == name
 
 
 # --- feedback -------------------------------------------------------------------------------
