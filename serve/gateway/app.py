@@ -55,8 +55,8 @@ def create_app(settings: Settings, *, engine: Any = None, writer: TurnWriter | N
     owned by the caller; None attaches to `settings.engine.url` for the app's lifetime. `writer`:
     a started TurnWriter (closed by the app on shutdown); None opens `settings.store_url`.
     `registry`: learn.registry.Registry, which turns on reconciliation and restyling; None serves
-    every alias from the base model. `router`: serve.routing.Router; None builds it from
-    `[serve.aliases]` and the registry."""
+    every alias from the base model. `router`: serve.routing.Router on the same registry
+    (a test holds it to see or set what is served); None builds it from `[serve.aliases]`."""
     if engine is None and settings.engine.url is None:
         raise ValueError("create_app needs engine= (an EngineManager) or settings.engine.url to attach to")
     router = router or Router(settings.serve.aliases, base=settings.engine.served_name, registry=registry)
