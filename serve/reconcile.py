@@ -1,20 +1,25 @@
 """Hot-swap: make the engine's loaded adapters and the gateway's aliases match the registry.
 
-The gateway builds one `Reconciler` and calls `reconcile()` on startup, every few seconds
+    reconciler = Reconciler(router, http, engine_url, drain_timeout_s=600)
+    reconciler.start()                        # a pass now, then every few seconds
+    await reconciler.reconcile()              # one pass now (after a promotion); alias -> version served
+
+The gateway builds one `Reconciler` and runs `reconcile()` on startup, every few seconds
 (other processes - `tunewheel adapters promote`, the learner - change the registry), right
 after an admin promotion or rollback, and after an engine restart. One pass, per alias:
 
-    target = registry.prod("chat") | a fixed version | "base"      (settings.serve.aliases)
+    target = router.targets()[alias]                         (serve/routing.py decides it)
     load target into vLLM under its immutable version name  (skipped when already loaded)
     warm it with one tiny completion                         (the first user request is not the slow one)
-    aliases.set(alias, target)                               (new requests go to the new version)
+    router.table.set(alias, target)                          (new requests go to the new version)
     drain the old version, then unload it                    (in-flight requests finish on it)
 
 A zero-downtime swap follows from that order: the alias flips only after the new version
 answers, and the old one leaves the engine only after its last request. A load that fails
 (adapter folder vanished, rank too large, wrong base model) keeps the alias where it is and
-logs the error with the fix. Pinned `chat@<version>` requests load their version on demand
-through `ensure_pinned()`; such versions are unloaded again after `PINNED_IDLE_S` unused.
+logs the error with the fix. Pinned `chat@<version>` requests (and restylers on the chat
+engine) load their version on demand through `ensure_pinned()`; such versions are unloaded
+again after `PINNED_IDLE_S` unused.
 
 Only versions this reconciler loaded or aliased are ever unloaded by it: a learner in another
 process may have loaded a candidate for evaluation, and that one is not ours to take away.
@@ -30,10 +35,11 @@ from typing import Any
 
 import httpx
 
+from serve.routing import Router, Target
+
 log = logging.getLogger("tunewheel.reconcile")
 
 PINNED_IDLE_S = 600.0
-SERVABLE_STATES = ("candidate", "promoted", "retired")
 
 
 class AdapterLoadError(RuntimeError):
@@ -41,15 +47,17 @@ class AdapterLoadError(RuntimeError):
 
 
 class Reconciler:
-    """Converges engine + alias table on the registry. All methods are safe to call concurrently."""
+    """Converges the engine and the router's alias table on the router's targets. All methods
+    are safe to call concurrently. `drain_timeout_s`: how long an old version's requests may
+    run on after a swap before it is unloaded anyway (serve.request_timeout_s)."""
 
-    def __init__(self, settings, registry, aliases, http_client: httpx.AsyncClient, engine_url: str):
-        self.settings = settings
-        self.registry = registry
-        self.aliases = aliases
+    def __init__(self, router: Router, http_client: httpx.AsyncClient, engine_url: str, *, drain_timeout_s: float = 600.0):
+        self.router = router
+        self.table = router.table  # what the engine serves now, and the leases a swap drains
         self.http = http_client
         self.engine_url = engine_url.rstrip("/")
-        self.base_name = settings.engine.served_name
+        self.base_name = router.base
+        self.drain_timeout_s = drain_timeout_s
         self._name_locks: dict[str, asyncio.Lock] = {}
         self._pass_lock = asyncio.Lock()
         self._owned: set[str] = set()  # versions loaded by us, ours to unload
@@ -106,7 +114,7 @@ class Reconciler:
                 await self.http.post(f"{self.engine_url}/v1/unload_lora_adapter", json={"lora_name": version}, timeout=30)
                 self._owned.discard(version)
                 raise
-            self.aliases.loaded.add(version)
+            self.table.loaded.add(version)
             log.info("loaded adapter %s in %.0f ms, warmed in %.0f ms", version, loaded_ms, 1000 * (time.perf_counter() - t0) - loaded_ms)
 
     async def warm(self, name: str) -> None:
@@ -127,37 +135,20 @@ class Reconciler:
                 log.warning("unload of %s answered HTTP %s: %s", version, r.status_code, r.text[:200])
             self._owned.discard(version)
             self._pinned_used.pop(version, None)
-            self.aliases.loaded.discard(version)
+            self.table.loaded.discard(version)
             log.info("unloaded adapter %s", version)
-
-    # --- registry ------------------------------------------------------------------------
-    async def _targets(self) -> dict[str, tuple[str, str | None]]:
-        """alias -> (engine model name, adapter path or None for the base model), from the registry."""
-
-        def read() -> dict[str, tuple[str, str | None]]:
-            out: dict[str, tuple[str, str | None]] = {}
-            for alias, spec in self.settings.serve.aliases.items():
-                if spec.adapter == "base":
-                    out[alias] = (self.base_name, None)
-                    continue
-                v = self.registry.prod(kind="chat") if spec.adapter == "prod" else self.registry.get(spec.adapter)
-                if v is None and spec.adapter != "prod":
-                    log.error("alias %s names adapter %s, which is not in the registry; serving the base model", alias, spec.adapter)
-                out[alias] = (v.name, v.path) if v is not None else (self.base_name, None)
-            return out
-
-        return await asyncio.to_thread(read)
 
     # --- the pass ------------------------------------------------------------------------
     async def reconcile(self) -> dict[str, str]:
         """One convergence pass; returns alias -> version now served. Never raises for a bad adapter."""
         async with self._pass_lock:
-            targets = await self._targets()
-            before = {alias: self.aliases.resolve(alias) for alias in targets}
-            for alias, (name, path) in targets.items():
-                if path is not None:
+            targets = await asyncio.to_thread(self.router.targets)
+            before = {alias: self.table.resolve(alias) for alias in targets}
+            for alias, target in targets.items():
+                name = target.version
+                if target.path is not None:
                     try:
-                        await self.load(name, path)
+                        await self.load(name, target.path)
                     except (AdapterLoadError, httpx.HTTPError) as exc:
                         # Logged once per distinct error, not on every periodic pass.
                         (log.error if str(exc) != self.last_error else log.debug)("alias %s stays on %s: %s", alias, before.get(alias), exc)
@@ -165,10 +156,10 @@ class Reconciler:
                         await self._keep_current(alias, before.get(alias))
                         continue
                     self._owned.add(name)  # an aliased version is ours to unload later, even if another process loaded it
-                if self.aliases.resolve(alias) != name:
-                    self.aliases.set(alias, name)
+                if self.table.resolve(alias) != name:
+                    self.table.set(alias, name)
                     log.info("alias %s -> %s (was %s)", alias, name, before.get(alias))
-            now = {alias: self.aliases.resolve(alias) for alias in targets}
+            now = {alias: self.table.resolve(alias) for alias in targets}
             await self._retire(set(before.values()) - set(now.values()), keep=set(now.values()))
             await self._unload_idle_pinned(keep=set(now.values()))
             return now
@@ -181,7 +172,7 @@ class Reconciler:
             return
         if current is None or current not in loaded:
             log.error("alias %s: %s is not loaded either; serving the base model until the adapter is fixed", alias, current)
-            self.aliases.set(alias, self.base_name)
+            self.table.set(alias, self.base_name)
 
     async def _retire(self, old: set[str], keep: set[str]) -> None:
         """Unload versions no alias serves any more, each once its in-flight requests have finished."""
@@ -194,10 +185,10 @@ class Reconciler:
 
     async def _drain_then_unload(self, version: str) -> None:
         try:
-            drained = await self.aliases.drain(version, timeout=self.settings.serve.request_timeout_s)
+            drained = await self.table.drain(version, timeout=self.drain_timeout_s)
             if drained is False:
                 log.warning("%s still had requests in flight after the drain timeout; unloading anyway", version)
-            if version in {self.aliases.resolve(a) for a in self.settings.serve.aliases}:
+            if version in self.table.aliases().values():
                 return  # a rollback brought it back while we waited
             await self.unload(version)
         except Exception:
@@ -211,17 +202,13 @@ class Reconciler:
                 asyncio.get_running_loop().create_task(self._drain_then_unload(version))
 
     # --- pinned versions -----------------------------------------------------------------
-    async def ensure_pinned(self, version: str) -> bool:
-        """Load `chat@<version>` on demand. False when the registry has no servable such version."""
-        self._pinned_used[version] = time.monotonic()
-        v = await asyncio.to_thread(self.registry.get, version)
-        if v is None or v.state not in SERVABLE_STATES:
-            self._pinned_used.pop(version, None)
-            return False
-        if version in self._owned or version in {self.aliases.resolve(a) for a in self.settings.serve.aliases}:
-            return True
-        await self.load(version, v.path)
-        return True
+    async def ensure_pinned(self, target: Target) -> None:
+        """Load a version used outside the aliases (`chat@<version>`, a restyler) on demand;
+        unloaded again once unused for PINNED_IDLE_S. Raises AdapterLoadError or httpx.HTTPError."""
+        self._pinned_used[target.version] = time.monotonic()
+        if target.version in self._owned or target.version in self.table.aliases().values():
+            return
+        await self.load(target.version, target.path)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, interval_s: float = 3.0) -> None:
@@ -244,7 +231,7 @@ class Reconciler:
         """Hook for the engine manager: a restarted engine has no adapters; forget and reload them."""
         self._owned.clear()
         self._pinned_used.clear()
-        self.aliases.loaded.clear()
+        self.table.loaded.clear()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

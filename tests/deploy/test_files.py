@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -68,12 +67,14 @@ def k8s(kind: str, name: str) -> dict:
 
 
 def catalog_series() -> set[str]:
-    """Every sample name the metric catalog can expose (counter _total, histogram _bucket...)."""
-    import serve.metrics  # noqa: F401  (registers the catalog)
+    """Every sample name the gateway's /metrics can expose (counter _total, histogram _bucket...):
+    the catalog in serve/metrics.py and the families read from the store at scrape time."""
     from prometheus_client import REGISTRY
 
+    from serve.metrics import StoreMetrics
+
     names = set()
-    for family in REGISTRY.collect():
+    for family in [*REGISTRY.collect(), *StoreMetrics(db=None).describe()]:
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
         names |= {family.name + s for s in suffixes}
     return {n for n in names if n.startswith("tunewheel_")}
@@ -198,15 +199,16 @@ def test_services_select_pods_and_name_their_ports():
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
 
 
-def test_servicemonitor_scrapes_gateway_vllm_and_learner():
+def test_servicemonitor_scrapes_gateway_and_vllm():
     sm = k8s("ServiceMonitor", "tunewheel")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     ports = {e["port"] for e in sm["spec"]["endpoints"]}
     scraped = [s["metadata"]["name"] for s in k8s_docs() if s["kind"] == "Service"
                and sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
                and ports & {p["name"] for p in s["spec"]["ports"]}]
-    # Job names = Service names = the jobs that the shipped rules and dashboard use.
-    assert sorted(scraped) == ["tunewheel-gateway", "tunewheel-learner", "vllm"]
+    # Job names = Service names = the jobs that the shipped rules and dashboard use. The learner
+    # serves no metrics: the gateway exports its figures, read from the store.
+    assert sorted(scraped) == ["tunewheel-gateway", "vllm"]
 
 
 def test_configmap_and_secret_make_valid_settings(tmp_path, monkeypatch):
@@ -234,7 +236,7 @@ def test_rules_and_dashboard_only_name_exported_series():
     texts = [r["expr"] for r in rules] + dashboard_exprs()
     for expr in texts:
         for name in re.findall(r"\btunewheel_[a-z_]+", expr):
-            assert name in exported, f"{name} (in {expr!r}) is not in serve/metrics.py"
+            assert name in exported, f"{name} (in {expr!r}) is not exported by serve/metrics.py"
         for name in re.findall(r"\btunewheel:[a-z0-9_:]+", expr):
             assert name in recorded, f"{name} is not a recording rule"
     names = {r.get("alert") for r in rules}
@@ -268,7 +270,7 @@ def test_prometheus_configs_scrape_gateway_and_vllm():
                           ("prometheus.local.yml", {"127.0.0.1:8000", "127.0.0.1:8001"})):
         cfg = yaml.safe_load((PROM / name).read_text())
         jobs = {j["job_name"]: t for j in cfg["scrape_configs"] for c in j["static_configs"] for t in c["targets"]}
-        assert {"tunewheel-gateway", "vllm"} <= set(jobs) and targets <= set(jobs.values())
+        assert set(jobs) == {"tunewheel-gateway", "vllm"} and targets == set(jobs.values())
         assert sorted(cfg["rule_files"]) == sorted(f"rules/{f.name}" for f in RULE_FILES)
 
 

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve import metrics
 from tests.deploy.test_files import DASHBOARD, RULE_FILES
-from tests.fixtures.engine import free_port
+from serve.engine_child import free_port
 from tests.fixtures.gateway import start_gateway
 
 PROMETHEUS = shutil.which("prometheus")

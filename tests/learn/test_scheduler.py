@@ -122,33 +122,12 @@ def test_a_slow_cycle_never_overlaps_the_next_tick(db):
     assert run.max_running == 1
 
 
-def test_in_process_learner_converges_on_the_gateways_event_loop(tmp_path, db):
-    import asyncio
-    from types import SimpleNamespace
+def test_serve_with_learner_schedules_the_configured_jobs(tmp_path, db):
+    from serve.cli_serve import start_learner
 
-    from serve.cli_serve import converge_on, start_learner
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    seen = []
-
-    class FakeReconciler:
-        async def reconcile(self):
-            seen.append(asyncio.get_running_loop())
-            return {"chat": "chat-v0001"}
-
-    app = SimpleNamespace(state=SimpleNamespace())
+    settings = load_settings(None, data_dir=tmp_path, learn={"schedule": {"min_new_ratings": 10, "check_seconds": 3600}})
+    scheduler = start_learner(settings, db, converge=lambda: None)
     try:
-        converge = converge_on(app, loop)
-        converge()  # before the gateway's lifespan made its reconciler: nothing to do, no error
-        app.state.reconciler = FakeReconciler()
-        converge()  # called from the learner's thread after a promotion
-        assert seen == [loop]
-        settings = load_settings(None, data_dir=tmp_path, learn={"schedule": {"min_new_ratings": 10, "check_seconds": 3600}})
-        scheduler = start_learner(settings, db, converge=converge)
         assert [j.id for j in scheduler.get_jobs()] == ["learner-ratings"]
-        scheduler.shutdown(wait=False)
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
+        scheduler.shutdown(wait=False)

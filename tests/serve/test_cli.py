@@ -1,12 +1,24 @@
-"""Every `tunewheel` command takes --config and fails the same way on a missing or invalid file."""
+"""The `tunewheel` command line: every command takes --config and fails the same way on a
+missing or invalid file; `tunewheel serve` answers and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
 import pytest
 import typer
+from sqlmodel import Session
 from typer.testing import CliRunner
 
+from feedback.models import Turn
+from feedback.db import make_db
 from serve.cli import app
+from serve.engine_child import free_port
 
 # The arguments each command needs before it reads its config (required options and arguments).
 REQUIRED = {
@@ -67,3 +79,29 @@ def test_a_config_file_that_is_not_toml_is_one_line(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().startswith(f"error: config file {bad} is not valid TOML")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_serve_command_answers_then_stops_cleanly_on_sigterm(fake_engine_url, tmp_path):
+    port = free_port()
+    env = {**os.environ, "TUNEWHEEL_ENGINE__URL": fake_engine_url, "TUNEWHEEL_DATA_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "A canned answer."
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with Session(make_db(f"sqlite:///{tmp_path / 'tunewheel.db'}")) as s:
+        assert s.get(Turn, r.json()["id"]).answer == "A canned answer."

@@ -23,10 +23,10 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-import serve.engine as engine_mod
+from serve.engine import EngineManager, EngineStartError
+from serve.engine_child import choose_device, engine_command, engine_env, free_port, likely_fix
 from serve.settings import load_settings
-from serve.engine import EngineManager, EngineStartError, choose_device, engine_command, engine_env, likely_fix
-from tests.fixtures.engine import engine_settings, free_port
+from tests.fixtures.engine import engine_settings
 
 FAKE_ENGINE = textwrap.dedent('''
     import json, os, subprocess, sys, time
@@ -142,16 +142,14 @@ def test_gpu_command_uses_bf16_and_memory_share_and_extra_flags(tmp_path):
     ({"vllm": "0.11.0"}, "gpu"),
     ({"vllm": "0.11.0+cpu"}, "cpu"),
 ])
-def test_auto_device_follows_the_installed_vllm(monkeypatch, installed, expected):
-    monkeypatch.setattr(engine_mod, "_installed", installed.get)
-    assert choose_device("auto") == expected
-    assert choose_device("gpu") == "gpu"
+def test_auto_device_follows_the_installed_vllm(installed, expected):
+    assert choose_device("auto", installed=installed.get) == expected
+    assert choose_device("gpu", installed=installed.get) == "gpu"
 
 
-def test_no_vllm_installed_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(engine_mod, "_installed", {}.get)
+def test_no_vllm_installed_says_what_to_install():
     with pytest.raises(EngineStartError, match="make install"):
-        choose_device("auto")
+        choose_device("auto", installed={}.get)
 
 
 # --- failure messages ---------------------------------------------------------------------------

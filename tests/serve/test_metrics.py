@@ -1,23 +1,111 @@
-"""The learner's cycle reports reach the metric catalog through `observe_cycle`."""
+"""The learner's and the registry's figures, read from the store at scrape time (StoreMetrics).
 
+    pytest tests/serve/test_metrics.py
+
+Cycles are `learner_cycle` rows as the learner writes them, in another process as far as the
+gateway knows; promotions and rollbacks go through the real registry, whoever makes them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine
+from sqlmodel import Session
+
+from feedback.db import make_db
 from learn.cycle import LearnerCycle
-from serve.metrics import CYCLES, DATASET_SIZE, EVAL_SCORE, PROMOTIONS, observe_cycle
+from learn.registry import Registry
+from serve.metrics import StoreMetrics, render
+
+T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
 
-def test_observe_cycle_exports_a_promotion():
-    before = CYCLES.labels(outcome="promoted")._value.get()
-    promotions = PROMOTIONS.labels(kind="chat")._value.get()
-    report = LearnerCycle(outcome="promoted", train_examples=40, heldout_items=5,
-                         champion_scores={"em": 0.1, "f1": 0.2}, candidate_scores={"em": 0.5, "f1": 0.6},
-                         train_metrics={"duration_s": 12.0})
-    observe_cycle(report)
-    assert CYCLES.labels(outcome="promoted")._value.get() == before + 1
-    assert PROMOTIONS.labels(kind="chat")._value.get() == promotions + 1
-    assert EVAL_SCORE.labels(role="candidate", metric="f1")._value.get() == 0.6
-    assert DATASET_SIZE.labels(split="train")._value.get() == 40
+@pytest.fixture
+def db(tmp_path):
+    return make_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
 
 
-def test_observe_cycle_failed_cycle_counts_no_promotion():
-    promotions = PROMOTIONS.labels(kind="chat")._value.get()
-    observe_cycle(LearnerCycle(outcome="failed", error="boom"))
-    assert PROMOTIONS.labels(kind="chat")._value.get() == promotions
+def scraped(*collectors) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, for every tunewheel learner/registry sample."""
+    body = render(*collectors)[0].decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples
+            if s.name.startswith(("tunewheel_learner_", "tunewheel_promotions", "tunewheel_rollbacks"))}
+
+
+def cycle(db, outcome: str, minutes: int, **columns) -> None:
+    with Session(db) as s:
+        s.add(LearnerCycle(trigger="interval", outcome=outcome, started_at=T0 + timedelta(minutes=minutes - 1),
+                           finished_at=T0 + timedelta(minutes=minutes), **columns))
+        s.commit()
+
+
+def test_every_series_exists_at_zero_before_the_first_cycle(db):
+    figures = scraped(StoreMetrics(db))
+    for outcome in ("promoted", "rejected", "skipped", "failed"):
+        assert figures[("tunewheel_learner_cycles_total", (("outcome", outcome),))] == 0
+        assert figures[("tunewheel_learner_last_cycle_timestamp_seconds", (("outcome", outcome),))] == 0
+    for role in ("candidate", "champion"):
+        for metric in ("em", "f1"):
+            assert figures[("tunewheel_learner_eval_score", (("metric", metric), ("role", role)))] == 0
+    for split in ("train", "heldout"):
+        assert figures[("tunewheel_learner_dataset_examples", (("split", split),))] == 0
+    assert figures[("tunewheel_learner_training_duration_seconds", ())] == 0
+    for kind in ("chat", "restyler"):
+        assert figures[("tunewheel_promotions_total", (("kind", kind),))] == 0
+        assert figures[("tunewheel_rollbacks_total", (("kind", kind),))] == 0
+
+
+def test_cycles_by_outcome_and_the_figures_of_the_last_cycle_that_measured_them(db, tmp_path):
+    registry = Registry(db)
+    name = registry.new_version_name("chat")
+    (tmp_path / name).mkdir()
+    registry.register(name, kind="chat", path=tmp_path / name)
+    cycle(db, "rejected", 1, train_examples=30, heldout_items=4, champion_scores={"em": 0.1, "f1": 0.2, "n_turns": 4},
+          candidate_scores={"em": 0.05, "f1": 0.1, "n_turns": 4})
+    cycle(db, "promoted", 2, train_examples=40, heldout_items=5, version=name, train_metrics={"duration_s": 12.5},
+          champion_scores={"em": 0.1, "f1": 0.2, "n_turns": 5}, candidate_scores={"em": 0.5, "f1": 0.6, "n_turns": 5})
+    cycle(db, "skipped", 3, message="too few examples")  # measures nothing: the gauges keep the last cycle's
+    cycle(db, "failed", 4, error="boom")
+    with Session(db) as s:
+        s.add(LearnerCycle(trigger="manual"))  # still running: counted once it ends
+        s.commit()
+    figures = scraped(StoreMetrics(db))
+    assert figures[("tunewheel_learner_cycles_total", (("outcome", "promoted"),))] == 1
+    assert figures[("tunewheel_learner_cycles_total", (("outcome", "skipped"),))] == 1
+    assert figures[("tunewheel_learner_cycles_total", (("outcome", "failed"),))] == 1
+    failed_at = figures[("tunewheel_learner_last_cycle_timestamp_seconds", (("outcome", "failed"),))]
+    assert failed_at == (T0 + timedelta(minutes=4)).timestamp()
+    assert figures[("tunewheel_learner_eval_score", (("metric", "f1"), ("role", "candidate")))] == 0.6
+    assert figures[("tunewheel_learner_eval_score", (("metric", "em"), ("role", "champion")))] == 0.1
+    assert figures[("tunewheel_learner_dataset_examples", (("split", "train"),))] == 40
+    assert figures[("tunewheel_learner_dataset_examples", (("split", "heldout"),))] == 5
+    assert figures[("tunewheel_learner_training_duration_seconds", ())] == 12.5
+
+
+def test_promotions_and_rollbacks_count_whoever_made_them(db, tmp_path):
+    registry = Registry(db)
+    names = []
+    for kind, style in (("chat", None), ("chat", None), ("restyler", "pirate")):
+        name = registry.new_version_name(kind, style)
+        (tmp_path / name).mkdir()
+        registry.register(name, kind=kind, style=style, path=tmp_path / name)
+        names.append(name)
+    for name in names:
+        registry.promote(name)  # as `tunewheel adapters promote`, the learner or the admin route does
+    registry.rollback("chat")
+    figures = scraped(StoreMetrics(db))
+    assert figures[("tunewheel_promotions_total", (("kind", "chat"),))] == 2
+    assert figures[("tunewheel_promotions_total", (("kind", "restyler"),))] == 1
+    assert figures[("tunewheel_rollbacks_total", (("kind", "chat"),))] == 1
+    assert figures[("tunewheel_rollbacks_total", (("kind", "restyler"),))] == 0
+
+
+def test_an_unreadable_store_leaves_only_its_own_series_out(tmp_path):
+    broken = create_engine(f"sqlite:///{tmp_path / 'missing' / 'nope.db'}")
+    body = render(StoreMetrics(broken))[0].decode()
+    assert "tunewheel_requests_total" in body or "tunewheel_engine_up" in body
+    assert "tunewheel_learner_cycles_total" not in body

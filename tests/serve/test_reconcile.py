@@ -4,8 +4,8 @@
 
 The fake engine keeps the set of loaded adapters and answers the four routes the
 reconciler uses as vLLM does (400 on a second load of the same name). The swap under
-real load through the gateway is in tests/serve/test_hotswap.py; here we check the order
-of operations and the failure paths a user would notice.
+real load through the gateway is at the end of this file (marked `engine`); the fast tests
+check the order of operations and the failure paths a user would notice.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 
 from feedback.db import make_db
 from learn.registry import Registry
-from serve.aliases import AliasTable
-from serve.settings import load_settings
 from serve.reconcile import Reconciler
+from serve.routing import AliasTable, Router, UnknownModel
+from serve.settings import load_settings
 
 ENGINE = "http://engine.test"
 
@@ -73,8 +73,8 @@ async def world(tmp_path):
         return name
 
     def gateway() -> tuple[AliasTable, Reconciler]:
-        aliases = AliasTable(["chat"], base="base")
-        return aliases, Reconciler(settings, registry, aliases, client, ENGINE)
+        router = Router(settings.serve.aliases, base=settings.engine.served_name, registry=registry)
+        return router.table, Reconciler(router, client, ENGINE)
 
     yield registry, engine, new_version, gateway
     await client.aclose()
@@ -173,10 +173,12 @@ async def test_pinned_versions_load_on_demand_only_when_servable(world):
     _, rec = gateway()
     cand, rejected = new_version(), new_version()
     registry.reject(rejected, {"promote": False})
-    assert await rec.ensure_pinned(cand) is True
+    route = await rec.router.route(f"chat@{cand}")
+    await rec.ensure_pinned(route.load)
     assert cand in engine.loaded
-    assert await rec.ensure_pinned(rejected) is False
-    assert await rec.ensure_pinned("chat-v9999") is False
+    for name in (f"chat@{rejected}", "chat@chat-v9999"):
+        with pytest.raises(UnknownModel):  # the router refuses, so nothing is loaded
+            await rec.router.route(name)
     assert rejected not in engine.loaded
 
 

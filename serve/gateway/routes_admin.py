@@ -10,8 +10,9 @@
 The routes are thin: the registry (learn/registry.py) owns states and the prod pointer, the
 reconciler (serve/reconcile.py) owns the engine. A promotion loads the version into the
 engine *before* the registry moves, so a broken adapter is refused with 409 and production
-never points at something the engine cannot serve. The app provides `app.state.registry`
-and `app.state.reconciler`.
+never points at something the engine cannot serve. A gateway without a registry answers 503.
+Promotions and rollbacks are counted from the registry's history (serve/metrics.py), whoever
+made them.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException
 
 from learn.registry import RegistryError
-from serve import auth
-from serve.metrics import PROMOTIONS, ROLLBACKS
+from serve.gateway.deps import GatewayDep, require_admin
+from serve.gateway.state import GatewayState
 from serve.reconcile import AdapterLoadError
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(auth.require_admin)])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
 def version_public(v) -> dict[str, Any]:
@@ -38,29 +39,22 @@ def version_public(v) -> dict[str, Any]:
     return out
 
 
-def _parts(request: Request):
-    state = request.app.state
-    registry = getattr(state, "registry", None)
-    reconciler = getattr(state, "reconciler", None)
-    if registry is None or reconciler is None:
+def _parts(gateway: GatewayState):
+    if gateway.registry is None or gateway.reconciler is None:
         raise HTTPException(503, "the adapter registry is not available in this gateway")
-    return registry, reconciler
-
-
-def _served(request: Request, reconciler) -> dict[str, str]:
-    return {alias: reconciler.aliases.resolve(alias) for alias in request.app.state.settings.serve.aliases}
+    return gateway.registry, gateway.reconciler
 
 
 @router.get("/adapters")
-async def list_adapters(request: Request, kind: str | None = None) -> dict[str, Any]:
-    registry, reconciler = _parts(request)
+async def list_adapters(gateway: GatewayDep, kind: str | None = None) -> dict[str, Any]:
+    registry, _ = _parts(gateway)
     versions = await asyncio.to_thread(registry.list, kind)
-    return {"adapters": [version_public(v) for v in versions], "aliases": _served(request, reconciler)}
+    return {"adapters": [version_public(v) for v in versions], "aliases": gateway.router.table.aliases()}
 
 
 @router.post("/adapters/{version}/promote")
-async def promote(request: Request, version: str) -> dict[str, Any]:
-    registry, reconciler = _parts(request)
+async def promote(gateway: GatewayDep, version: str) -> dict[str, Any]:
+    registry, reconciler = _parts(gateway)
     v = await asyncio.to_thread(registry.get, version)
     if v is None:
         raise HTTPException(404, f"no adapter version {version!r}; see GET /admin/adapters")
@@ -73,25 +67,23 @@ async def promote(request: Request, version: str) -> dict[str, Any]:
         change = await asyncio.to_thread(registry.promote, version)
     except RegistryError as exc:
         raise HTTPException(409, str(exc)) from exc
-    PROMOTIONS.labels(kind=v.kind).inc()
     served = await reconciler.reconcile()
     return {"change": change.describe(), "previous": change.previous, "prod": version, "aliases": served}
 
 
 @router.post("/adapters/rollback")
-async def rollback(request: Request, kind: str = "chat", style: str | None = None) -> dict[str, Any]:
-    registry, reconciler = _parts(request)
+async def rollback(gateway: GatewayDep, kind: str = "chat", style: str | None = None) -> dict[str, Any]:
+    registry, reconciler = _parts(gateway)
     try:
         change = await asyncio.to_thread(registry.rollback, kind, style)
     except RegistryError as exc:
         raise HTTPException(409, str(exc)) from exc
-    ROLLBACKS.labels(kind=kind).inc()
     served = await reconciler.reconcile()
     return {"change": change.describe(), "previous": change.previous, "prod": change.current, "aliases": served}
 
 
 @router.post("/reload")
-async def reload(request: Request) -> dict[str, Any]:
-    _, reconciler = _parts(request)
+async def reload(gateway: GatewayDep) -> dict[str, Any]:
+    _, reconciler = _parts(gateway)
     served = await reconciler.reconcile()
     return {"aliases": served, "last_error": reconciler.last_error}

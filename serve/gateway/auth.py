@@ -9,7 +9,7 @@
 Keys live in config only as sha256 hex, so a leaked config file leaks no key. With no keys
 configured the API is open and `tunewheel serve` refuses any non-loopback bind address
 (`check_bind`). Admin routes always need an admin key; an admin key is also an API key.
-Routes take the caller through FastAPI dependencies:
+Routes take the caller through the FastAPI dependencies in serve/gateway/deps.py:
 
     @router.post("/x")
     async def x(caller: CallerDep): ...              # caller.key_hash, caller.admin
@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import Depends, Request
-
+from serve.gateway.protocol import APIError
 from serve.settings import Settings, hash_key
-from serve.protocol import APIError
 
 
 @dataclass(frozen=True)
@@ -37,6 +34,8 @@ class Caller:
 
 
 class Auth:
+    """The configured keys (sha256 hex) and who a request's Authorization header makes its caller."""
+
     def __init__(self, api_keys: list[str], admin_keys: list[str]):
         self.api_keys = frozenset(api_keys)
         self.admin_keys = frozenset(admin_keys)
@@ -78,20 +77,6 @@ class Auth:
         if key_hash not in self.admin_keys:
             raise APIError(403, "this key is not an admin key (serve.admin_keys)", type="permission_error", code="forbidden")
         return Caller(key_hash=key_hash, admin=True)
-
-
-async def caller(request: Request) -> Caller:
-    """FastAPI dependency for API routes (async: a sync one would cost a threadpool hop per request)."""
-    return request.app.state.auth.identify(request.headers.get("authorization"))
-
-
-async def require_admin(request: Request) -> Caller:
-    """FastAPI dependency for admin routes."""
-    return request.app.state.auth.admin(request.headers.get("authorization"))
-
-
-CallerDep = Annotated[Caller, Depends(caller)]
-AdminDep = Annotated[Caller, Depends(require_admin)]
 
 
 def is_loopback(host: str) -> bool:

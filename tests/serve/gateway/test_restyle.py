@@ -1,80 +1,65 @@
-"""The gateway's restyle step with vLLM faked (respx): styled answers, unknown styles, restyler failures."""
+"""The gateway's restyle step with vLLM faked (respx): styled answers, unknown styles, restyler failures.
+
+    pytest tests/serve/gateway/test_restyle.py
+"""
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import httpx
 import pytest
-from sqlmodel import Session, select
 
-from feedback.models import Turn
-from learn.registry import Registry
-from serve.app import create_app, make_writer
-from serve.settings import load_settings
-from tests.serve.test_gateway import ENGINE, MESSAGES, events, sse_chunks, upstream, vllm_answer  # noqa: F401
+from tests.serve.gateway.fakes import MESSAGES, events, sse_chunks, turns, vllm_answer
 
 RAW = "The ship left port at dawn."
 STYLED = "Ahoy, matey! The ship left port at dawn. Arr!"
 
 
 @pytest.fixture
-async def styled(tmp_path, upstream):  # noqa: F811
-    """A gateway whose registry has a promoted `pirate` restyler; make(fallback=...)."""
-    made = []
+async def styled(make_gw, upstream, tmp_path):
+    """A gateway whose registry has a promoted `pirate` restyler; make(fallback=..., restyler_status=...)."""
 
     async def make(fallback: str = "error", restyler_status: int = 200):
-        settings = load_settings(None, data_dir=tmp_path / f"gw{len(made)}", engine={"url": ENGINE},
-                                 restyle={"fallback": fallback})
-        writer = make_writer(settings)
-        registry = Registry(writer.engine)
-        folder = tmp_path / f"adapter{len(made)}"
+        gw = await make_gw(registry=True, restyle={"fallback": fallback})
+        folder = tmp_path / f"adapter-{id(gw)}"
         folder.mkdir()
         (folder / "adapter_config.json").write_text("{}")
-        name = registry.new_version_name("restyler", "pirate")
-        registry.register(name, kind="restyler", style="pirate", path=folder)
-        registry.promote(name)
+        gw.version = gw.registry.new_version_name("restyler", "pirate")
+        gw.registry.register(gw.version, kind="restyler", style="pirate", path=folder)
+        gw.registry.promote(gw.version)
         loaded = {"data": [{"id": "base", "root": "/m"}]}
 
         def load(request):
-            loaded["data"].append({"id": name, "root": str(folder.resolve())})
+            loaded["data"].append({"id": gw.version, "root": str(folder.resolve())})
             return httpx.Response(200, text="ok")
 
         def chat(request):
             body = json.loads(request.content)
             if body["model"] == "base":
                 return httpx.Response(200, json=vllm_answer(RAW))
-            assert body["messages"][0]["content"] == settings.restyle.system_prompt
+            assert body["messages"][0]["content"] == gw.settings.restyle.system_prompt
             assert body["messages"][1]["content"] == RAW
             if restyler_status != 200:
                 return httpx.Response(restyler_status, json={"error": {"message": "boom"}})
             if body.get("stream"):
-                return httpx.Response(200, content=b"".join(sse_chunks(["Ahoy, matey! ", "The ship left port at dawn.", " Arr!"], model=name)),
+                pieces = ["Ahoy, matey! ", "The ship left port at dawn.", " Arr!"]
+                return httpx.Response(200, content=b"".join(sse_chunks(pieces, model=gw.version)),
                                       headers={"content-type": "text/event-stream"})
-            return httpx.Response(200, json=vllm_answer(STYLED, model=name))
+            return httpx.Response(200, json=vllm_answer(STYLED, model=gw.version))
 
         upstream.get("/v1/models").mock(side_effect=lambda r: httpx.Response(200, json=loaded))
         upstream.post("/v1/load_lora_adapter").mock(side_effect=load)
         upstream.post("/v1/chat/completions").mock(side_effect=chat)
         upstream.post("/v1/completions").respond(200, json={"choices": [{"index": 0, "text": "A"}]})  # warm-up
-        app = create_app(settings, engine=SimpleNamespace(url=ENGINE, ready=True), writer=writer, registry=registry)
-        lifespan = app.router.lifespan_context(app)
-        await lifespan.__aenter__()
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
-        made.append((lifespan, client))
-        return SimpleNamespace(client=client, writer=writer, version=name)
+        return gw
 
-    yield make
-    for lifespan, client in reversed(made):
-        await client.aclose()
-        await lifespan.__aexit__(None, None, None)
+    return make
 
 
-def logged(gw) -> Turn:
-    gw.writer.flush(10)
-    with Session(gw.writer.engine) as s:
-        return s.exec(select(Turn)).one()
+def logged(gw):
+    [turn] = turns(gw.writer)
+    return turn
 
 
 async def test_plain_styled_answer_logs_raw_and_styled(styled):

@@ -1,5 +1,6 @@
-"""Request models and error shapes of the gateway's OpenAI-compatible API.
+"""Request models, body reading and error shapes of the gateway's OpenAI-compatible API.
 
+    body = await read_json(request, limit=settings.serve.max_request_bytes)   # 413 / 400
     ChatCompletionRequest.model_validate(body)   # raises pydantic.ValidationError -> 422
     raise APIError(404, "...", type="not_found_error", code="model_not_found")
 
@@ -12,8 +13,10 @@ as OpenAI error objects, `{"error": {"message", "type", "param", "code"}}`, whic
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -58,6 +61,42 @@ def validation_error(exc: ValidationError) -> APIError:
         first_param = first_param or loc or None
         problems.append(f"{loc}: {err['msg']}" if loc else err["msg"])
     return APIError(422, "; ".join(problems), code="invalid_value", param=first_param)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object: 413 past `limit` bytes (whether or not the client sent
+    Content-Length), 400 when it is not a JSON object. Read once, here, for every route."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"request body of {length} bytes is over the limit of {limit} (serve.max_request_bytes)",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is over the limit of {limit} bytes (serve.max_request_bytes)",
+                           code="request_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def upstream_error(status: int, content: bytes) -> APIError:
+    """An engine error answer as an OpenAI error object with the engine's status."""
+    try:
+        body = json.loads(content)
+        err = body.get("error", body) if isinstance(body, dict) else {}
+        if not isinstance(err, dict):
+            err = {"message": str(err)}
+    except ValueError:
+        err = {}
+    message = err.get("message") or content.decode(errors="replace")[:500] or f"engine answered HTTP {status}"
+    return APIError(status, str(message), type=str(err.get("type") or "engine_error"), code=err.get("code"), param=err.get("param"))
 
 
 class TextPart(BaseModel):
@@ -141,6 +180,20 @@ GATEWAY_ONLY = ("style", "style_params")
 def sampling_params(body: dict[str, Any]) -> dict[str, Any]:
     """The request's sampling parameters as the client sent them, for the turn log."""
     return {k: v for k, v in body.items() if k not in NOT_PARAMS}
+
+
+def engine_payload(body: dict[str, Any], version: str, *, whole: bool) -> dict[str, Any]:
+    """What vLLM gets: the client's body for engine model `version`, without our own fields.
+    A stream always asks for usage, so the turn log has token counts. `whole`: ask for the
+    answer in one piece whatever the client asked (the restyler needs the whole text)."""
+    payload = {k: v for k, v in body.items() if k not in GATEWAY_ONLY}
+    payload["model"] = version
+    if whole:
+        payload["stream"] = False
+        payload.pop("stream_options", None)
+    elif payload.get("stream"):
+        payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return payload
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Gateway on the real vLLM engine, driven through the official `openai` client.
 
-    TUNEWHEEL_TEST_ENGINE_URL=http://127.0.0.1:8101 pytest -m engine tests/serve/test_gateway_engine.py
+    TUNEWHEEL_TEST_ENGINE_URL=http://127.0.0.1:8101 pytest -m engine tests/serve/gateway/test_gateway_engine.py
 
 Plain and streamed answers, a three-turn conversation threaded into one conversation without
 any header, feedback on a streamed answer, and the same turn log on PostgreSQL.
