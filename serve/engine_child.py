@@ -101,7 +101,7 @@ def engine_command(settings: Settings, device: str) -> list[str]:
         "--port", str(e.port),
         "--enable-lora",
         "--max-loras", str(e.max_loras),
-        "--max-lora-rank", str(e.max_lora_rank),
+        "--max-lora-rank", str(settings.lora_capacity),
         "--max-model-len", str(e.max_model_len),
         "--dtype", dtype,
     ]

@@ -27,6 +27,7 @@ from feedback.settings import StoreSettings
 from learn.settings import LearnDirs, LearnSettings, RestyleSettings
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+LORA_RANK_SIZES = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
 
 
 def hash_key(key: str) -> str:
@@ -71,7 +72,9 @@ class EngineSettings(BaseModel):
     port: int = Field(8001, description="Loopback port of a child engine.")
     max_model_len: int = Field(2048, description="vLLM --max-model-len.")
     max_loras: int = Field(4, description="vLLM --max-loras: adapters resident at once.")
-    max_lora_rank: int = Field(64, description="vLLM --max-lora-rank.")
+    max_lora_rank: int | None = Field(None, description="vLLM --max-lora-rank; default: the smallest size vLLM accepts "
+                                      "that holds learn.train.rank. A larger capacity than the adapters need makes every "
+                                      "adapter request slower (measured on CPU: 64 for rank-16 adapters, 0.12x the base speed).")
     dtype: str = Field("auto", description="vLLM --dtype; auto means float32 on CPU (bf16 is off the AVX2 fast path), bfloat16 on GPU.")
     kv_cache_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     cpu_threads_bind: str | None = Field(None, description="VLLM_CPU_OMP_THREADS_BIND; default 0-(ncpu-1).")
@@ -132,6 +135,14 @@ class Settings(BaseSettings):
     def curation(self, max_tokens: int | None = None):
         """feedback.curate.CurationConfig from the learner's section (token limit, PII, held-out share)."""
         return self.learn.curation(max_tokens)
+
+    @property
+    def lora_capacity(self) -> int:
+        """The engine's --max-lora-rank: engine.max_lora_rank, or the smallest size vLLM accepts that
+        holds the adapters this learner trains (learn.train.rank)."""
+        if self.engine.max_lora_rank is not None:
+            return self.engine.max_lora_rank
+        return next((r for r in LORA_RANK_SIZES if r >= self.learn.train.rank), LORA_RANK_SIZES[-1])
 
     @property
     def seed_files(self) -> list[str]:

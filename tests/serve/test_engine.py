@@ -108,7 +108,7 @@ def test_cpu_command_serves_the_prepared_model_with_runtime_lora(tmp_path):
     assert flags["--model"] == str(tmp_path / "models" / "SmolLM2-135M-Instruct")
     assert flags["--served-model-name"] == "base"
     assert (flags["--host"], flags["--port"]) == ("127.0.0.1", "8123")
-    assert (flags["--max-loras"], flags["--max-lora-rank"], flags["--max-model-len"]) == ("4", "64", "2048")
+    assert (flags["--max-loras"], flags["--max-lora-rank"], flags["--max-model-len"]) == ("4", "16", "2048")
     assert flags["--dtype"] == "float32"
     assert "--enable-lora" in cmd and "--gpu-memory-utilization" not in cmd
 
@@ -118,6 +118,16 @@ def test_cpu_command_serves_the_prepared_model_with_runtime_lora(tmp_path):
     cores = sorted(os.sched_getaffinity(0))
     assert env["VLLM_CPU_OMP_THREADS_BIND"] in (f"{cores[0]}-{cores[-1]}", ",".join(map(str, cores)))
     assert env["PATH"] == "/bin"
+
+
+@pytest.mark.parametrize("train_rank, engine_rank, capacity", [(16, None, "16"), (8, None, "8"), (12, None, "16"),
+                                                              (24, None, "32"), (16, 64, "64")])
+def test_lora_capacity_follows_the_training_rank_unless_set(tmp_path, train_rank, engine_rank, capacity):
+    settings = load_settings(None, data_dir=tmp_path, engine={"max_lora_rank": engine_rank},
+                             learn={"train": {"rank": train_rank}})
+    cmd = engine_command(settings, "cpu")
+    flags = dict(zip(cmd[3:], cmd[4:]))
+    assert flags["--max-lora-rank"] == capacity
 
 
 def test_gpu_command_uses_bf16_and_memory_share_and_extra_flags(tmp_path):
