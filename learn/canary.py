@@ -139,6 +139,8 @@ class ArmPaths(NamedTuple):
 @dataclass(frozen=True)
 class CanaryDecision:
     action: Action
+    rule: Literal["latency", "errors", "worse", "not_worse", "max"] | None
+    """Which rule decided (a short label for metrics and alerts); None while continuing."""
     reasons: list[str]
     statistic: dict[str, float | None]
     """Up-rates, their difference and its always-valid interval, the e-values and their threshold."""
@@ -268,7 +270,14 @@ def decide(candidate: ArmFigures, baseline: ArmFigures, s: CanarySettings, *, el
         "threshold": 1.0 / s.alpha,
     }
     reasons = _reasons(candidate, baseline, s, flags, slow, statistic, elapsed, limit, action, probation)
-    return CanaryDecision(action, reasons, statistic, asdict(candidate), asdict(baseline))
+    return CanaryDecision(action, _rule(flags, slow, action), reasons, statistic, asdict(candidate), asdict(baseline))
+
+
+def _rule(flags: dict[str, Any], slow: bool, action: Action) -> str | None:
+    if action == "continue":
+        return None
+    fired = {"latency": slow, "errors": flags["errors"], "worse": flags["worse"], "not_worse": flags["not_worse"]}
+    return next((name for name, hit in fired.items() if bool(hit)), "max")
 
 
 def _too_slow(c: ArmFigures, b: ArmFigures, s: CanarySettings) -> bool:

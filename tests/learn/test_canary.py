@@ -34,7 +34,7 @@ def arm(ratings: int, up_rate: float, requests: int = 0, error_rate: float = 0.0
 
 def test_a_clearly_better_candidate_is_promoted():
     d = decide(arm(1000, 0.60), arm(9000, 0.50), S, elapsed=DAY)
-    assert d.action == "promote"
+    assert (d.action, d.rule) == ("promote", "not_worse")
     assert any("significantly better" in r for r in d.reasons)
     assert d.statistic["evidence_not_worse"] >= d.statistic["threshold"]
     assert 0 < d.statistic["interval_low"] < 0.10 < d.statistic["interval_high"]
@@ -42,14 +42,14 @@ def test_a_clearly_better_candidate_is_promoted():
 
 def test_a_clearly_worse_candidate_is_rolled_back():
     d = decide(arm(1000, 0.40), arm(9000, 0.50), S, elapsed=DAY)
-    assert d.action == "rollback"
+    assert (d.action, d.rule) == ("rollback", "worse")
     assert any("significantly worse" in r for r in d.reasons)
     assert d.statistic["interval_high"] < 0
 
 
 def test_too_few_ratings_keep_collecting_however_large_the_gap():
     d = decide(arm(150, 0.10), arm(9000, 0.90), S, elapsed=DAY)
-    assert d.action == "continue"
+    assert (d.action, d.rule) == ("continue", None)
     assert any("too few ratings" in r and "150" in r for r in d.reasons)
 
 
@@ -66,13 +66,13 @@ def test_the_maximum_without_a_difference_follows_the_at_max_setting(at_max, act
     by_ratings = decide(arm(5000, 0.50), arm(45000, 0.505), s, elapsed=DAY)
     by_time = decide(arm(900, 0.50), arm(8100, 0.50), s, elapsed=timedelta(days=15))
     for d in (by_ratings, by_time):
-        assert d.action == action
+        assert (d.action, d.rule) == (action, "max")
         assert any("maximum reached" in r and "without a significant difference" in r for r in d.reasons)
 
 
 def test_a_candidate_that_fails_many_requests_is_rolled_back_before_any_rating():
     d = decide(arm(0, 0.0, requests=200, error_rate=0.30), arm(0, 0.0, requests=2000, error_rate=0.01), S, elapsed=DAY)
-    assert d.action == "rollback"
+    assert (d.action, d.rule) == ("rollback", "errors")
     assert any("error ratio 60/200" in r for r in d.reasons)
 
 
@@ -86,7 +86,7 @@ def test_the_latency_guard_fires_on_a_much_slower_candidate_only():
     champion = arm(2700, 0.5, requests=4500, p95=2.0)
     assert decide(fast, champion, S, elapsed=DAY).action == "continue"
     d = decide(slow, champion, S, elapsed=DAY)
-    assert d.action == "rollback"
+    assert (d.action, d.rule) == ("rollback", "latency")
     assert any("p95 latency 8.00 s" in r for r in d.reasons)
     too_early = arm(300, 0.5, requests=50, p95=8.0)
     assert decide(too_early, champion, S, elapsed=DAY).action == "continue"
