@@ -45,8 +45,8 @@ class AliasSettings(BaseModel):
 class ServeSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Gateway bind address; with no API keys only loopback is allowed.")
     port: int = Field(8000, description="Gateway port.")
-    api_keys: list[str] = Field(default_factory=list, description="sha256 hex of accepted bearer keys (see `hash_key`).")
-    admin_keys: list[str] = Field(default_factory=list, description="sha256 hex of admin keys (admin routes, any completion's feedback).")
+    api_keys: list[str] = Field(default_factory=list, description="sha256 hex of accepted bearer keys (`tunewheel keys hash KEY`).")
+    admin_keys: list[str] = Field(default_factory=list, description="sha256 hex of admin keys (admin routes, any completion's feedback; `tunewheel keys hash KEY`).")
     max_request_bytes: int = Field(1_000_000, description="Request bodies larger than this get 413.")
     request_timeout_s: float = Field(600.0, description="Timeout of one upstream request to the engine.")
     aliases: dict[str, AliasSettings] = Field(
@@ -60,7 +60,7 @@ class ServeSettings(BaseModel):
     def _hashed(cls, keys: list[str]) -> list[str]:
         for k in keys:
             if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
-                raise ValueError("keys are stored hashed: put sha256 hex here (python -c 'from serve.settings import hash_key; print(hash_key(\"KEY\"))')")
+                raise ValueError("keys are stored hashed: put sha256 hex here (`tunewheel keys hash KEY` prints it)")
         return keys
 
 

@@ -1,7 +1,7 @@
 """Bearer-key auth of the gateway, and the rule that an open gateway stays on loopback.
 
     [serve]
-    api_keys   = ["<sha256 hex>"]     # python -c 'from serve.settings import hash_key; print(hash_key("KEY"))'
+    api_keys   = ["<sha256 hex>"]     # tunewheel keys hash KEY
     admin_keys = ["<sha256 hex>"]
 
     curl -H "Authorization: Bearer KEY" localhost:8000/v1/models
@@ -93,6 +93,6 @@ def check_bind(settings: Settings) -> None:
     if not Auth.from_settings(settings).enabled and not is_loopback(settings.serve.host):
         raise ValueError(
             f"refusing to bind {settings.serve.host}: no API keys are configured, so the gateway would be open. "
-            "Add serve.api_keys (sha256 hex; python -c 'from serve.settings import hash_key; print(hash_key(\"KEY\"))') "
+            "Add serve.api_keys (sha256 hex: `tunewheel keys new` makes a key and its hash) "
             "or bind 127.0.0.1."
         )
