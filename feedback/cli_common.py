@@ -14,7 +14,8 @@ context object. Its root group is `TunewheelGroup`, which does two things for ev
 - no traceback for a failure: an exception that escapes a command is one `error:` line on
   stderr and exit 1; the usual ones (store unreachable, gateway unreachable, a file that
   cannot be read) say what to fix. `TUNEWHEEL_DEBUG=1` re-raises, traceback and all.
-`setup_logging` does the same for log records: a logged exception is its one message line.
+`setup_logging` does the same for logged exceptions that are `expected` (tunewheel's own errors,
+files, network, the store): one line each; a bug's traceback stays in the log.
 This module lives in the lowest package so that every package can use it.
 """
 
@@ -49,8 +50,8 @@ class ConfigError(ValueError):
 
 
 def fail(message: str, code: int = FAILURE_EXIT) -> NoReturn:
-    """End the command with `error: <message>` on stderr (no traceback) and exit `code`."""
-    typer.echo(f"error: {message}", err=True)
+    """End the command with `error: <message>` on stderr, on one line (no traceback), and exit `code`."""
+    typer.echo("error: " + " ".join(str(message).split()), err=True)
     raise typer.Exit(code)
 
 
@@ -102,24 +103,34 @@ def explain(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def expected(exc: BaseException) -> bool:
+    """A failure the user can fix from its message: tunewheel's own errors, files and network, the store.
+    Anything else is a bug, whose traceback a log keeps."""
+    import httpx
+    from sqlalchemy.exc import DBAPIError
+
+    ours = type(exc).__module__.split(".")[0] in ("feedback", "learn", "serve")
+    return ours or isinstance(exc, (OSError, httpx.HTTPError, DBAPIError))
+
+
 class _NoTracebacks(logging.Formatter):
-    """A log record with an exception attached prints its message and the exception's one line."""
+    """A log record of an expected failure prints its message and the exception's one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        if record.exc_info and not debugging():
-            exc = record.exc_info[1]
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and expected(exc) and not debugging():
             record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
-            if exc is not None:
-                record.msg, record.args = f"{record.getMessage()}: {explain(exc)}", None
+            record.msg, record.args = f"{record.getMessage()}: {explain(exc)}", None
         return super().format(record)
 
 
 def setup_logging(level: int = logging.WARNING) -> None:
-    """Log to stderr at `level`; exceptions in log records as one line (unless TUNEWHEEL_DEBUG=1)."""
+    """Log to stderr at `level`; an expected failure in a log record is one line (unless TUNEWHEEL_DEBUG=1)."""
     handler = logging.StreamHandler()
     handler.setFormatter(_NoTracebacks("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
+    for noisy in ("httpx", "alembic"):  # not one line per request, per migration plugin
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # ------------------------------------------------------------------ help as it is typed
