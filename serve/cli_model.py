@@ -20,6 +20,7 @@ app = typer.Typer(help="The base model: prepare the embedded default.", no_args_
 @app.command("prepare")
 def prepare(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Make the base model ready (convert the embedded GGUF to a Hugging Face folder, once)."""
+    from learn.train_config import looks_like_path
     from serve.model import ModelPrepareError, prepare_model
 
     settings = load(ctx, config)
@@ -27,4 +28,7 @@ def prepare(ctx: typer.Context, config: ConfigOption = None) -> None:
         folder = prepare_model(settings)
     except ModelPrepareError as exc:
         fail(str(exc))
+    if looks_like_path(str(folder)) and not (folder / "config.json").is_file():
+        fail(f"engine.model {folder} is not a model folder (no config.json): point it at a Hugging Face folder, "
+             "use a Hugging Face id, or unset it for the embedded SmolLM2")
     typer.echo(str(folder))
