@@ -87,7 +87,8 @@ class Preflight:
             raise PreflightError(f"the gateway at {self.url} refused the API key (401): {KEY_HINT}")
         if models.status_code != 200:
             raise PreflightError(f"the gateway at {self.url} answered {models.status_code} to GET /v1/models: {models.text[:200]}")
-        if admin and self.api_key is not None and self._get("/admin/adapters").status_code == 403:
+        keys_enforced = self.api_key is not None and self._get("/v1/models", auth=False).status_code == 401
+        if admin and keys_enforced and self._get("/admin/adapters").status_code == 403:
             raise PreflightError(f"the key is not an admin key of the gateway at {self.url}: the learner scores unpromoted "
                                  "candidates (chat@<version>), which only an admin key may ask for; set TUNEWHEEL_API_KEY "
                                  "(or --api-key) to a key whose hash is in serve.admin_keys")
