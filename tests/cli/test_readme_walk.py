@@ -143,7 +143,7 @@ def test_the_first_hour_then_monitoring(walk, engine_url, tmp_path):
             for static in job["static_configs"]:
                 static["targets"] = [targets[t] for t in static["targets"]]
         prom = Prometheus(tmp_path, local["scrape_configs"])
-        _chat_rate_and_curate(walk, url, key)
+        _chat_rate_and_curate(walk, url, key, prom)
         _learn_promote_rollback(walk, url, key, admin)
         _monitoring_queries(prom)
     finally:
@@ -166,7 +166,7 @@ def _ready(url: str, serve: subprocess.Popen):
     return r.json() if r.status_code == 200 else None
 
 
-def _chat_rate_and_curate(walk: Walk, url: str, key: str) -> None:
+def _chat_rate_and_curate(walk: Walk, url: str, key: str, prom: Prometheus) -> None:
     """Steps 4-8: chat (plain and streamed), rate, export, check, curate."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
     raw = client.chat.completions.with_raw_response.create(model="chat", messages=[{"role": "user", "content": "Hi!"}],
@@ -180,6 +180,9 @@ def _chat_rate_and_curate(walk: Walk, url: str, key: str) -> None:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key=wrong or "x", max_retries=0).chat.completions.create(
                 model="chat", messages=[{"role": "user", "content": "Hi!"}], max_tokens=4)
+    # The rating series start at 0 with the version's first answer; increase() in the up-ratio rule
+    # counts the first rating only once Prometheus has seen that 0 (a scrape after the answer).
+    prom.wait(lambda: prom.query('tunewheel_feedback_total{rating="up", version="base"}'), "the rating series at 0")
     rated = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {key}"},
                        json={"completion_id": reply.id, "rating": "up"})
     assert rated.status_code == 201, rated.text
