@@ -168,7 +168,12 @@ def serve(
     try:
         asyncio.run(run_serve(settings, with_learner=with_learner))
     except EngineStartError as exc:
-        fail(f"the engine did not start: {exc}")
+        first, *details = str(exc).splitlines() or [""]
+        fix = next((line for line in details if line.startswith("likely fix:")), None)
+        for line in details:  # the engine's last log lines, as context above the one error line
+            if line != fix:
+                typer.echo(line, err=True)
+        fail(f"the engine did not start: {first}" + (f"; {fix}" if fix else ""))
     except (asyncio.CancelledError, KeyboardInterrupt):
         typer.echo("stopped before the gateway was up", err=True)
         raise typer.Exit(130)

@@ -30,7 +30,8 @@ def home(tmp_path):
     (tmp_path / "not-json.json").write_text('{"data": [oops\n')
     (tmp_path / "a-file").write_text("")
     return tmp_path, {"TUNEWHEEL_DATA_DIR": str(tmp_path / "data"), "TUNEWHEEL_ENGINE__MODEL": str(model),
-                      "TUNEWHEEL_SERVE__PORT": str(free_port()), "TUNEWHEEL_API_KEY": ""}
+                      "TUNEWHEEL_SERVE__PORT": str(free_port()), "TUNEWHEEL_ENGINE__PORT": str(free_port()),
+                      "TUNEWHEEL_API_KEY": ""}
 
 
 STORE_DOWN = {"TUNEWHEEL_STORE__URL": "postgresql+psycopg://tunewheel@127.0.0.1:{dead}/tunewheel"}
@@ -57,6 +58,7 @@ CASES = {
     "restyle build, model missing": ("restyle build --style pirate --texts {tmp}/heldout.jsonl", NO_MODEL, "tunewheel model prepare"),
     "restyle train, no gateway": ("restyle train --style pirate", {}, "cannot reach the gateway"),
     "serve, open gateway on a public address": ("serve --host 0.0.0.0", {}, "refusing to bind 0.0.0.0"),
+    "serve, model missing": ("serve", NO_MODEL, "the engine did not start: model directory"),
     "serve, port in use": ("serve --port {busy}", {"TUNEWHEEL_ENGINE__URL": "http://127.0.0.1:{dead}"}, "cannot listen"),
     "learn schedule, no schedule": ("learn schedule", {}, "no learner schedule configured"),
     "keys hash, empty key": ("keys hash -", {}, "the key is empty"),
