@@ -140,9 +140,12 @@ def tokenize(config: TrainConfig, tokenizer, train_rows: list, val_rows: list) -
         return [e for e in examples if any(t != IGNORE for t in e["labels"][1:])]
 
     train_set, val_set = encoded(train_rows), encoded(val_rows)
-    if len(train_set) < config.min_examples or not val_set:
-        raise TrainError(f"after cutting to max_length={config.max_length} only {len(train_set)} training and {len(val_set)} "
-                         "validation conversations still have an assistant token to learn from: raise max_length")
+    # min_examples counts conversations before the validation split, as load_conversations does
+    if len(train_set) + len(val_set) < config.min_examples or not train_set or not val_set:
+        dropped = len(train_rows) + len(val_rows) - len(train_set) - len(val_set)
+        raise TrainError(f"after cutting to max_length={config.max_length}, {dropped} conversation(s) have no assistant "
+                         f"token left, leaving {len(train_set)} training and {len(val_set)} validation conversations "
+                         f"(min_examples = {config.min_examples}): raise max_length")
     return train_set, val_set
 
 

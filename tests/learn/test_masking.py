@@ -81,3 +81,16 @@ def test_truncation_keeps_the_start(tokenizer):
     assert len(full["input_ids"]) > 40
     assert cut["input_ids"] == full["input_ids"][:40]
     assert cut["labels"] == full["labels"][:40]
+
+
+def test_min_examples_counts_before_the_validation_split(tokenizer):
+    """8 conversations with min_examples 8 train (7 + 1 held for validation), as the loader's check allows."""
+    from learn.train import TrainError, tokenize
+    from learn.train_config import TrainConfig
+    config = TrainConfig(min_examples=8)
+    rows = [conversation() for _ in range(8)]
+    train_set, val_set = tokenize(config, tokenizer, rows[:7], rows[7:])
+    assert (len(train_set), len(val_set)) == (7, 1)
+    with pytest.raises(TrainError, match=r"8 conversation\(s\) have no assistant token left, leaving 0 training.*"
+                                         r"raise max_length"):
+        tokenize(TrainConfig(min_examples=8, max_length=16), tokenizer, rows[:7], rows[7:])
