@@ -88,7 +88,7 @@ async def call_and_leave(app, body: dict, leave_after: bytes | None) -> None:
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "query_string": b"", "root_path": "", "headers": [(b"host", b"gw"), (b"content-type", b"application/json")],
+             "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
              "client": ("127.0.0.1", 5000), "server": ("gw", 80), "state": {}}
     await asyncio.wait_for(app(scope, receive, send), 10)
 
