@@ -45,7 +45,7 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class AssistantMessage(BaseModel):
+class AnswerMessage(BaseModel):
     role: str
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -53,7 +53,7 @@ class AssistantMessage(BaseModel):
 
 class Choice(BaseModel):
     index: int
-    message: AssistantMessage
+    message: AnswerMessage
     finish_reason: str | None = None
     logprobs: Any = None
 
@@ -72,6 +72,30 @@ class ChatCompletion(BaseModel):
     created: int
     model: str = Field(description="The name the request asked for.")
     choices: list[Choice]
+    usage: Usage | None = None
+
+
+class Delta(BaseModel):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: Any = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed answer; the last one before `[DONE]` carries `usage` when asked for."""
+
+    id: str = Field(description="The completion id, the same in every chunk.")
+    object: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
     usage: Usage | None = None
 
 
@@ -135,9 +159,15 @@ def json_body(component: str) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
+# One server-sent event of a stream (OpenAPI before 3.2: the schema describes each event):
+# a chunk, an error object when the engine broke off, or the closing `[DONE]`.
+EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+    {"const": "[DONE]"},
+    {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        {"$ref": REF.format(model="ChatCompletionChunk")}, {"$ref": REF.format(model="ErrorResponse")}]}}]}}}
 CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": ChatCompletion, "description": "The answer; a stream of `chat.completion.chunk` events when "
-          "`stream` is true", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          "`stream` is true", "content": {"text/event-stream": {"schema": EVENT}}},
 }
 TEXT = {"text/plain": {"schema": {"type": "string"}}}
 OTHER_ROUTES: dict[tuple[str, str], dict[int, Any]] = {  # (path, method) -> status -> model or content
@@ -157,7 +187,7 @@ def describe(app: FastAPI, settings: Settings) -> dict[str, Any]:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                       description="OpenAI-compatible chat gateway with feedback (tunewheel).")
-    extra = [ErrorResponse, ChatCompletionRequest, FeedbackCreate, *{m for r in OTHER_ROUTES.values()
+    extra = [ErrorResponse, ChatCompletionChunk, ChatCompletionRequest, FeedbackCreate, *{m for r in OTHER_ROUTES.values()
                                                                     for m in r.values() if isinstance(m, type)}]
     _, defs = models_json_schema([(m, "validation") for m in extra], ref_template=REF)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})

@@ -14,13 +14,10 @@ as OpenAI error objects, `{"error": {"message", "type", "param", "code"}}`, whic
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-Role = Literal["system", "user", "assistant", "tool"]
-
 
 class APIError(Exception):
     """An error the gateway answers with; rendered as an OpenAI error object by the app."""
@@ -161,33 +158,47 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class _Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Role
-    content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
-
-    @model_validator(mode="after")
-    def _text_where_required(self) -> ChatMessage:
-        if self.role == "assistant":
-            if self.content is None and not self.tool_calls:
-                raise ValueError("an assistant message needs `content` (a string) or `tool_calls`")
-            if isinstance(self.content, list):
-                raise ValueError("assistant `content` must be a string")
-        elif self.role == "user":
-            if self.content is None:
-                raise ValueError("a user message needs `content`: a string or a list of text parts")
-        elif not isinstance(self.content, str):
-            raise ValueError(f"a {self.role} message needs `content` as a string")
-        return self
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+        content = getattr(self, "content", None)
+        if isinstance(content, list):
+            return "".join(p.text for p in content)
+        return content or ""
+
+
+class SystemMessage(_Message):
+    role: Literal["system"]
+    content: str
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: str | list[TextPart]
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _says_something(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs `content` (a string) or `tool_calls`")
+        return self
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: str
+    tool_call_id: str | None = None
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
 class StreamOptions(BaseModel):

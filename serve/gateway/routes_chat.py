@@ -34,7 +34,7 @@ async def chat_completions(request: Request, gateway: GatewayDep, caller: ChatCa
     try:
         body = await read_json(request, gateway.settings.serve.max_request_bytes,
                                max_depth=gateway.settings.serve.limits.max_json_depth)
-        chat_request = ChatCompletionRequest.model_validate(body)
+        chat_request = ChatCompletionRequest.model_validate(body, strict=True)
         body = gateway.limits.check_chat(chat_request, body)
     except APIError as exc:
         rejected(exc.status)

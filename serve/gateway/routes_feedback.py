@@ -47,8 +47,8 @@ async def feedback(request: Request, gateway: GatewayDep, caller: FeedbackCaller
     """Rate an answer by its completion id; rating again replaces the current rating and keeps the history."""
     serve = gateway.settings.serve
     try:
-        rating = FeedbackCreate.model_validate(await read_json(request, serve.max_request_bytes,
-                                                               max_depth=serve.limits.max_json_depth))
+        body = await read_json(request, serve.max_request_bytes, max_depth=serve.limits.max_json_depth)
+        rating = FeedbackCreate.model_validate(body, strict=True)  # as the document says: no coercion
     except ValidationError as exc:
         raise validation_error(exc) from exc
     await gateway.writer.wait_written(rating.completion_id, FEEDBACK_WAIT_S)
