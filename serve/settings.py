@@ -89,7 +89,7 @@ class LimitsSettings(BaseModel):
 
     max_tokens: int = Field(1024, ge=1, description="Largest max_tokens / max_completion_tokens a request may ask for.")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens sent to the engine when the request names none "
-                                    "(the engine's own default is the whole context).")
+                                    "(the engine's own default is the whole context); at most max_tokens.")
     max_prompt_chars: int = Field(32_000, ge=1, description="Characters of all message texts plus the `tools` JSON.")
     max_messages: int = Field(256, ge=1, description="Messages in one request.")
     max_n: int = Field(4, ge=1, description="Largest `n` (choices per request): each costs a whole generation.")
@@ -114,7 +114,9 @@ class LimitsSettings(BaseModel):
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> LimitsSettings:
-        if self.default_max_tokens > self.max_tokens:
+        if "default_max_tokens" not in self.model_fields_set:
+            self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
+        elif self.default_max_tokens > self.max_tokens:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is over max_tokens ({self.max_tokens})")
         return self
 
