@@ -90,7 +90,8 @@ class LimitsSettings(BaseModel):
     max_tokens: int = Field(1024, ge=1, description="Largest max_tokens / max_completion_tokens a request may ask for.")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens sent to the engine when the request names none "
                                     "(the engine's own default is the whole context); at most max_tokens.")
-    max_prompt_chars: int = Field(32_000, ge=1, description="Characters of all message texts plus the `tools` JSON.")
+    max_prompt_chars: int = Field(32_000, ge=1, description="Characters of all message texts plus the JSON of `tools` "
+                                  "and `style_params`.")
     max_messages: int = Field(256, ge=1, description="Messages in one request.")
     max_n: int = Field(4, ge=1, description="Largest `n` (choices per request): each costs a whole generation.")
     max_stop: int = Field(4, ge=0, description="Stop sequences in `stop` (OpenAI's limit is 4), and token ids in `stop_token_ids`.")

@@ -100,11 +100,11 @@ class Limits:
             raise too_large("messages", f"{len(request.messages)} messages is over the limit of {c.max_messages} "
                             "(serve.limits.max_messages)")
         chars = sum(len(m.text()) for m in request.messages)
-        if request.tools:
-            chars += len(json.dumps(request.tools))
+        for extra in (request.tools, request.style_params):  # both end up in a prompt
+            chars += len(json.dumps(extra)) if extra else 0
         if chars > c.max_prompt_chars:
-            raise too_large("messages", f"the prompt has {chars} characters (messages and tools), over the limit of "
-                            f"{c.max_prompt_chars} (serve.limits.max_prompt_chars)")
+            raise too_large("messages", f"the prompt has {chars} characters (messages, tools, style_params), over "
+                            f"the limit of {c.max_prompt_chars} (serve.limits.max_prompt_chars)")
 
     def _check_stops(self, request: ChatCompletionRequest) -> None:
         c = self.config
