@@ -94,7 +94,8 @@ class LimitsSettings(BaseModel):
                                   "and `style_params`.")
     max_messages: int = Field(256, ge=1, description="Messages in one request.")
     max_n: int = Field(4, ge=1, description="Largest `n` (choices per request): each costs a whole generation.")
-    max_stop: int = Field(4, ge=0, description="Stop sequences in `stop` (OpenAI's limit is 4), and token ids in `stop_token_ids`.")
+    max_stop: int = Field(4, ge=0, description="Stop sequences in `stop` (OpenAI's limit is 4), and token ids in "
+                          "`stop_token_ids`.")
     max_stop_chars: int = Field(100, ge=1, description="Characters of one stop sequence.")
     max_logit_bias: int = Field(300, ge=0, description="Entries in `logit_bias` (OpenAI's limit is 300).")
     max_grammar_bytes: int = Field(16_384, ge=1, description="Bytes of JSON of each guided-decoding constraint: "

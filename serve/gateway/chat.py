@@ -119,7 +119,8 @@ class ChatService:
             return await self.router.route(model, conversation_id=conversation_id)
         except UnknownModel as exc:
             rejected(404)
-            hint = "" if caller.operator or version is None else " (pinned versions that are not promoted need an admin key)"
+            hint = "" if caller.operator or version is None else \
+                " (pinned versions that are not promoted need an admin key)"
             raise APIError(404, f"model {model!r} does not exist; valid names: {', '.join(self.model_names(caller))}"
                            f"{hint}", type="not_found_error", code="model_not_found", param="model") from exc
 

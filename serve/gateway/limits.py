@@ -110,7 +110,8 @@ class Limits:
         c = self.config
         stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
         if len(stops) > c.max_stop:
-            raise too_large("stop", f"{len(stops)} stop sequences is over the limit of {c.max_stop} (serve.limits.max_stop)")
+            raise too_large("stop", f"{len(stops)} stop sequences is over the limit of {c.max_stop} "
+                            "(serve.limits.max_stop)")
         if any(len(s) > c.max_stop_chars for s in stops):
             raise too_large("stop", f"a stop sequence is longer than {c.max_stop_chars} characters "
                             "(serve.limits.max_stop_chars)")

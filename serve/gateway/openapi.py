@@ -208,7 +208,8 @@ def _describe_operation(path: str, method: str, operation: dict[str, Any], setti
     responses = operation.setdefault("responses", {})
     responses.pop("422", None)  # FastAPI's own validation shape: ours is the error object below
     for status, what in OTHER_ROUTES.get((path, method), {}).items():
-        content = what if isinstance(what, dict) else {"application/json": {"schema": {"$ref": REF.format(model=what.__name__)}}}
+        schema = {"$ref": REF.format(model=getattr(what, "__name__", ""))}
+        content = what if isinstance(what, dict) else {"application/json": {"schema": schema}}
         responses[str(status)] = {"description": "OK", "content": content}
     error = {"application/json": {"schema": {"$ref": REF.format(model="ErrorResponse")}}}
     responses.setdefault("4XX", {"description": "Refused: an OpenAI error object", "content": error})
@@ -238,8 +239,8 @@ def _narrow_chat_request(schema: dict[str, Any], settings: Settings) -> None:
                                {"type": "null"}]}
     if "stop_token_ids" in props:
         _limit(props["stop_token_ids"], maxItems=limits.max_stop)
-    _limit(props["logit_bias"], maxProperties=limits.max_logit_bias,
-           propertyNames={"pattern": "^[0-9]{1,10}$"}, additionalProperties={"type": "number", "minimum": -100, "maximum": 100})
+    _limit(props["logit_bias"], maxProperties=limits.max_logit_bias, propertyNames={"pattern": "^[0-9]{1,10}$"},
+           additionalProperties={"type": "number", "minimum": -100, "maximum": 100})
     assert OPENAI_FIELDS <= set(props), "every OpenAI field the gateway accepts is documented"
 
 

@@ -174,7 +174,8 @@ async def test_bodies_must_be_sent_as_json(gw, upstream, content_type):
     r = await gw.client.post("/v1/feedback", content=b'{"completion_id": "x", "rating": "up"}', headers=headers)
     assert r.status_code == 415
     assert not route.called and turns(gw.writer) == []
-    r = await gw.client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    r = await gw.client.post("/v1/chat/completions", content=body,
+                             headers={"content-type": "application/json; charset=utf-8"})
     assert r.status_code == 200
 
 
