@@ -49,7 +49,8 @@ def fuzzed(fake_engine_url, tmp_path_factory):
 
 
 @document(FAST).parametrize()
-@settings(max_examples=FAST_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=FAST_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
 def test_the_gateway_answers_every_generated_request_within_its_document(case, fuzzed):
     case.call_and_validate(base_url=fuzzed.url, headers={"Authorization": f"Bearer {ADMIN}"}, checks=CHECKS)
 
@@ -63,6 +64,7 @@ def engine_fuzzed(engine_url, tmp_path_factory):
 
 @pytest.mark.engine
 @document(ENGINE).include(path="/v1/chat/completions", method="POST").parametrize()
-@settings(max_examples=ENGINE_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=ENGINE_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
 def test_the_real_engine_behind_the_gateway_gives_no_5xx_to_generated_chats(case, engine_fuzzed):
     case.call_and_validate(base_url=engine_fuzzed.url, headers={"Authorization": f"Bearer {ADMIN}"}, checks=CHECKS)
