@@ -7,7 +7,9 @@ The gateway runs as `tunewheel serve` runs it (uvicorn, real SQLite, an adapter 
 configured) and schemathesis sends what the document allows and what it does not (positive and
 negative cases) to every operation with an admin key, so the admin routes are exercised too.
 Checked on each answer: not a 5xx, a status the document lists, the documented content type and
-body schema, and 4xx for data the schema rules out. The fast run answers chat from the fake
+body schema. (schemathesis's `negative_data_rejection` is left out: it counts an ignored unknown
+query parameter, or the Authorization header this test always sends, as accepted invalid data;
+the refusals themselves are asserted one by one in test_limits.py and test_trust.py.) The fast run answers chat from the fake
 engine (tests/fixtures/gateway.py); the engine run fuzzes the chat operation alone on the real
 vLLM with a tiny answer cap (serve.limits.max_tokens = 4) and no vLLM extensions.
 """
@@ -18,16 +20,15 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
-                                               response_schema_conformance, status_code_conformance)
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                               status_code_conformance)
 
 from serve.gateway.app import create_app
 from serve.settings import hash_key, load_settings
 from tests.fixtures.gateway import start_gateway
 
 ADMIN = "fuzz-admin"
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          negative_data_rejection]
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 FAST_EXAMPLES = 20   # per operation; 10 operations
 ENGINE_EXAMPLES = 12  # the chat operation on the real engine
 FAST = {"api_keys": [hash_key("fuzz-user")], "admin_keys": [hash_key(ADMIN)]}
