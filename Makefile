@@ -1,4 +1,7 @@
 # tunewheel: `make demo` shows the whole loop, `make test` runs every test. Both install first.
+# After `make install`, either `source .venv/bin/activate` (then `tunewheel ...`) or use the
+# targets below that wrap the common commands: make serve | learn | prometheus | readme-config
+# (CONFIG=tunewheel.toml passes --config to them).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,8 +11,11 @@ PIP    := $(PY) -m pip
 TORCH_INDEX ?=
 TORCH_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 STAMP  := $(VENV)/.installed
+TW     := $(VENV)/bin/tunewheel
+CONFIG ?=
+CONFIG_ARG := $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean serve learn prometheus readme-config
 
 install: $(STAMP)
 
@@ -42,6 +48,23 @@ bench: install
 	$(PY) bench/curation.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/hotswap.py
+
+# The common commands, without activating the venv.
+serve: install
+	$(TW) model prepare $(CONFIG_ARG)
+	$(TW) serve $(CONFIG_ARG)
+
+learn: install
+	$(TW) learn run $(CONFIG_ARG)
+
+# Debian's Prometheus (apt-get install prometheus) scraping `make serve` on this machine.
+prometheus:
+	prometheus --config.file=deploy/prometheus/prometheus.local.yml \
+	    --storage.tsdb.path=.tunewheel/prometheus --web.listen-address=127.0.0.1:9090
+
+# The README's table of every config key, regenerated from the settings classes.
+readme-config: install
+	$(TW) config table --write README.md
 
 clean:
 	rm -rf $(VENV) .pytest-data bench/results

@@ -51,7 +51,11 @@ def export(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Drop longer examples; default learn.train.max_length; 0: no limit.")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Curated chat JSONL of the store: each up-rated answer as the target after its conversation."""
+    """Curated chat JSONL of the store: each up-rated answer as the target after its conversation.
+
+    Only the last assistant message of an example is trained on; the earlier assistant turns are
+    context and carry `"weight": 0` (the OpenAI fine-tuning format's "do not train on this").
+    """
     from feedback.db import make_db
     from feedback.queries import iter_log
     from feedback.snapshot import export_jsonl
@@ -64,8 +68,10 @@ def export(
         fail(str(exc))
     counts = export_jsonl(iter_log(make_db(settings.store_url), since=since, until=until), out, config=cfg, count_tokens=counter)
     removed = ", ".join(f"{k} {v}" for k, v in counts.removed.items() if v) or "none"
-    typer.echo(f"{out}: {counts.train} example(s) from {counts.turns} turns "
-               f"({counts.rated_up} up, {counts.rated_down} down, {counts.unrated} unrated); removed: {removed}")
+    # the four counts add up to the turns: every turn is unrated, rated but unfinished, up or down
+    typer.echo(f"{out}: {counts.train} example(s) from {counts.turns} turns ({counts.rated_up} rated up, "
+               f"{counts.rated_down} rated down, {counts.rated_not_ok} rated but incomplete or failed, "
+               f"{counts.unrated} unrated); removed: {removed}")
     if counts.train == 0:
         typer.echo("no up-rated, completed turns in the log: the file is empty", err=True)
 

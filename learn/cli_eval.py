@@ -5,8 +5,9 @@
     tunewheel adapters promote chat-v0003
     tunewheel adapters rollback [--kind restyler --style pirate]
 
-`eval` prints EM and F1 overall and per source and writes the report JSON (default under
-<data dir>/runs/). The adapters commands work on the registry in the store database; a
+`eval` first checks in seconds that the data parses and that the gateway answers, takes the key
+(`--api-key` or TUNEWHEEL_API_KEY) and serves the model (learn/preflight.py); then it prints EM
+and F1 overall and per source and writes the report JSON (default under <data dir>/runs/). The adapters commands work on the registry in the store database; a
 running gateway picks up a promotion or rollback through its reconciler.
 """
 
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from feedback.cli_common import ConfigOption, fail, load
+from feedback.cli_common import ApiKeyOption, ConfigOption, fail, load
 
 KindOpt = Annotated[str, typer.Option("--kind", help="chat or restyler.")]
 StyleOpt = Annotated[Optional[str], typer.Option("--style", help="The restyler's style (with --kind restyler).")]
@@ -39,15 +40,23 @@ def eval_command(
     url: Annotated[Optional[str], typer.Option("--url", help="Gateway URL; default: the configured gateway.")] = None,
     predictions_out: Annotated[Optional[Path], typer.Option("--predictions-out", help="Write one JSON line per turn here.")] = None,
     report_out: Annotated[Optional[Path], typer.Option("--report-out", help="Report JSON; default <data dir>/runs/eval-<model>-<time>.json.")] = None,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="TUNEWHEEL_API_KEY", help="Bearer key when the gateway needs one.")] = None,
+    api_key: ApiKeyOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Score a served model with the official CoQA EM and F1 (0-1), overall and per source."""
+    from learn import preflight
     from learn.evaluate import EvalError, HeldoutError, evaluate
 
     settings = load(ctx, config)
+    target = url or settings.gateway_url
     try:
-        report = evaluate(data, model=model, url=url or settings.gateway_url, max_tokens=settings.learn.eval_max_tokens,
+        preflight.heldout(data, what="--data")
+        check = preflight.Preflight(target, api_key)
+        check.serves(check.gateway(), model)
+    except preflight.PreflightError as exc:
+        fail(str(exc))
+    try:
+        report = evaluate(data, model=model, url=target, max_tokens=settings.learn.eval_max_tokens,
                           concurrency=settings.learn.eval_concurrency, api_key=api_key, timeout=settings.serve.request_timeout_s,
                           predictions_out=predictions_out)
     except (HeldoutError, EvalError) as exc:

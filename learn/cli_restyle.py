@@ -6,7 +6,9 @@
 
 `build` and `train` talk to a running gateway (`tunewheel serve`, default the configured
 one, or `--url`): build de-styles each chunk through its base model, train scores the base
-model and the candidate restyler on the held-out pairs through it.
+model and the candidate restyler on the held-out pairs through it. Both first run the
+pre-flight (learn/preflight.py: base model there, gateway reachable, key accepted, engine
+ready) and fail in one line, before chunking or training anything.
 """
 
 from __future__ import annotations
@@ -19,9 +21,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from feedback.cli_common import ConfigOption, fail, load
+from feedback.cli_common import ApiKeyOption, ConfigOption, fail, load
 
 app = typer.Typer(help="The restyler: style corpus -> (neutral -> styled) pairs -> restyler adapter.", no_args_is_help=True)
+
+
+def _preflight(settings, url: str, api_key: str | None, model: str | None = None) -> None:
+    """Base model and gateway (reachable, key accepted, engine ready, `model` served), in seconds."""
+    from learn import preflight
+
+    try:
+        preflight.base_model(settings.base_model_path())
+        check = preflight.Preflight(url, api_key)
+        names = check.gateway()
+        if model is not None:
+            check.serves(names, model)
+    except preflight.PreflightError as exc:
+        fail(str(exc))
 
 
 @app.command("synth")
@@ -47,13 +63,14 @@ def build(ctx: typer.Context, style: Annotated[str, typer.Option(help="Style nam
           model: Annotated[str, typer.Option(help="Served model that de-styles.")] = "base",
           max_chunk_tokens: int = 200, concurrency: int = 8,
           with_params: Annotated[bool, typer.Option("--with-params", help="Ask the model for each chunk's tone and mood and put them in its system prompt (then send them as `style_params` when chatting).")] = False,
-          config: ConfigOption = None) -> None:
+          api_key: ApiKeyOption = None, config: ConfigOption = None) -> None:
     """Chunk the texts, de-style each chunk, write (neutral -> original) and reverse pairs."""
-    from transformers import AutoTokenizer
+    settings = load(ctx, config)
+    target = url or settings.gateway_url
+    _preflight(settings, target, api_key, model)
+    from transformers import AutoTokenizer  # after the pre-flight, which takes seconds
 
     from learn.restyle import RestyleDataError, chunk_text, extract_params, neutralise, read_texts, write_pairs
-
-    settings = load(ctx, config)
     tokenizer = AutoTokenizer.from_pretrained(settings.base_model_path())
     count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     try:
@@ -64,10 +81,9 @@ def build(ctx: typer.Context, style: Annotated[str, typer.Option(help="Style nam
     if not chunks:
         fail(f"{texts} holds no text to chunk")
     started = time.perf_counter()
-    target = url or settings.gateway_url
     params = asyncio.run(extract_params(chunks, url=target, model=model, concurrency=concurrency)) if with_params else None
     neutral = asyncio.run(neutralise(chunks, url=target, model=model,
-                                     prompt=settings.restyle.neutralise_prompt, concurrency=concurrency))
+                                     prompt=settings.restyle.neutralise_prompt, concurrency=concurrency, api_key=api_key))
     report = write_pairs(out_dir or settings.datasets_dir / "restyle" / style, style, chunks, neutral,
                          system_prompt=settings.restyle.system_prompt, neutralise_prompt=settings.restyle.neutralise_prompt,
                          params=params)
@@ -86,7 +102,8 @@ def train(ctx: typer.Context, style: Annotated[str, typer.Option(help="Style who
           max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps.")] = None,
           epochs: Annotated[Optional[int], typer.Option(help="Override learn.train.epochs.")] = None,
           learning_rate: Annotated[Optional[float], typer.Option(help="Override learn.train.learning_rate.")] = None,
-          min_chrf_gain: float = 1.0, max_content_drop: float = 0.1, config: ConfigOption = None) -> None:
+          min_chrf_gain: float = 1.0, max_content_drop: float = 0.1, api_key: ApiKeyOption = None,
+          config: ConfigOption = None) -> None:
     """Train a restyler on the pairs, score it against the base model (chrF), gate, promote."""
     from pydantic import ValidationError
 
@@ -97,6 +114,7 @@ def train(ctx: typer.Context, style: Annotated[str, typer.Option(help="Style who
 
     settings = load(ctx, config)
     data = data_dir or settings.datasets_dir / "restyle" / style
+    _preflight(settings, url or settings.gateway_url, api_key)
     overrides = {k: v for k, v in (("max_steps", max_steps), ("epochs", epochs), ("learning_rate", learning_rate)) if v is not None}
     try:
         train_config = TrainConfig.model_validate({**settings.learn.train.model_dump(), **overrides})

@@ -18,8 +18,8 @@ run`, `serve --with-learner` and the demo use it. Read top to bottom, a cycle do
   4. score champion (the prod version, or the base model) and candidate on the same held-out
      set through the gateway (`chat@<version>` loads the candidate into the engine unaliased)
   5. gate (learn/gate.py); promote in the registry and converge the serving side, or reject
-Any failure records the cycle as failed with its error, rejects a registered candidate with
-that error and leaves production untouched. A cycle is one `LearnerCycle` row, written as it
+Any failure records the cycle as failed with its error, marks a registered candidate `failed`
+with that error and leaves production untouched. A cycle is one `LearnerCycle` row, written as it
 goes, and a report (`cycle.json` + `cycle.txt`) under `<runs>/cycle-NNNN/`; the gateway's
 /metrics reads the rows.
 """
@@ -233,15 +233,15 @@ class _Run:
                 log.warning("converging serving after the promotion failed (gateways will converge on their next poll): %s", exc)
 
     def reject_after_failure(self, cycle: LearnerCycle) -> None:
-        """A registered candidate of a failed cycle must never look servable."""
+        """A registered candidate of a failed cycle is marked `failed` with the error: never servable."""
         if cycle.version is None:
             return
         try:
             v = self.registry.get(cycle.version)
             if v is not None and v.state == "candidate":
-                self.registry.reject(cycle.version, cycle.gate, metrics={"train": cycle.train_metrics}, error=cycle.error)
+                self.registry.fail(cycle.version, cycle.error, gate=cycle.gate, metrics={"train": cycle.train_metrics})
         except Exception:
-            log.exception("could not mark %s rejected after the failed cycle", cycle.version)
+            log.exception("could not mark %s failed after the failed cycle", cycle.version)
 
 
 # ---------------------------------------------------------------- helpers

@@ -11,8 +11,9 @@
 A version's identity (name, kind, style, path, parent, snapshot hash, training config,
 creation time) never changes after `register`; its gate decision and error are written
 once, and its metrics only grow (training metrics at register, held-out scores at the
-gate). States: candidate -> promoted | rejected; promoted -> retired when another version
-is promoted or when it is rolled back; a retired version can be promoted again.
+gate). States: candidate -> promoted | rejected (by the gate) | failed (its cycle broke before
+a decision; `error` says how); promoted -> retired when another version is promoted or when it
+is rolled back; a retired version can be promoted again, a rejected or failed one never.
 There is at most one promoted version per (kind, style): the one the pointer names.
 
 The pointer of a (kind, style) is one `AliasPointer` row, moved inside one transaction that
@@ -37,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel
 
 KINDS = ("chat", "restyler")
-STATES = ("candidate", "promoted", "rejected", "retired")
+STATES = ("candidate", "promoted", "rejected", "failed", "retired")
 _STYLE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 _IMMUTABLE = ("name", "kind", "style", "path", "parent", "snapshot_hash", "train_config", "created_at")
 _WRITE_ONCE = ("metrics", "gate", "error")
@@ -262,8 +263,8 @@ class Registry:
             version = self._version(s, name)
             if version.state == "promoted" or pointer.version == name:
                 raise RegistryError(f"{name} is already in production")
-            if version.state == "rejected":
-                raise RegistryError(f"{name} was rejected ({version.error or 'by the gate'}); train a new candidate instead")
+            if version.state in ("rejected", "failed"):
+                raise RegistryError(f"{name} was {version.state} ({version.error or 'by the gate'}); train a new candidate instead")
             self._check_folder(version, pointer.version)
             previous = pointer.version
             if previous is not None:
@@ -278,12 +279,19 @@ class Registry:
 
     def reject(self, name: str, gate: dict | None = None, *, metrics: dict | None = None, error: str | None = None) -> AdapterVersion:
         """Mark a candidate rejected, keeping the gate decision (and the error of a failed evaluation)."""
+        return self._close(name, "rejected", gate=gate, metrics=metrics, error=error)
+
+    def fail(self, name: str, error: str, *, gate: dict | None = None, metrics: dict | None = None) -> AdapterVersion:
+        """Mark a candidate failed: its cycle broke before it was judged (`error` says how); never servable."""
+        return self._close(name, "failed", gate=gate, metrics=metrics, error=error)
+
+    def _close(self, name: str, state: str, *, gate: dict | None, metrics: dict | None, error: str | None) -> AdapterVersion:
         with self._session() as s:
             self._locked_pointer(s, *self._kind_style(name))  # no promotion of it can slip in between
             version = self._version(s, name)
             if version.state != "candidate":
-                raise RegistryError(f"only candidates can be rejected; {name} is {version.state}")
-            version.state = "rejected"
+                raise RegistryError(f"only candidates can be {state}; {name} is {version.state}")
+            version.state = state
             if gate is not None:
                 version.gate = gate
             _add_metrics(version, metrics)

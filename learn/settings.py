@@ -70,8 +70,10 @@ class LearnSettings(BaseModel):
 
 
 class RestyleSettings(BaseModel):
-    system_prompt: str = "Please, rewrite the provided text in your style:"
-    neutralise_prompt: str = "Rewrite the following text as plain, neutral prose. Keep every fact, name and number."
+    system_prompt: str = Field("Please, rewrite the provided text in your style:",
+                               description="System prompt of every restyler pair and restyle request.")
+    neutralise_prompt: str = Field("Rewrite the following text as plain, neutral prose. Keep every fact, name and number.",
+                                   description="What `restyle build` asks the served model, to de-style each chunk.")
     fallback: Literal["error", "raw"] = Field("error", description="On restyler failure: answer with an error, or the raw answer marked as unstyled.")
     engine_url: str | None = Field(None, description="A separate engine for restylers.")
 

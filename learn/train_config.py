@@ -70,7 +70,7 @@ class TrainConfig(BaseModel):
     min_examples: int = 8
     """Fewer training conversations than this is an error (and a learner cycle with fewer is skipped)."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps (smoke runs, tests, benchmarks)."""
+    """An upper bound on optimizer steps (smoke runs, tests, benchmarks): a run stops earlier when its epochs over the data, or early stopping, end first."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
     threads: int | None = None

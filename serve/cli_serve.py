@@ -25,7 +25,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from feedback.cli_common import ConfigOption, fail, load
+from feedback.cli_common import ConfigOption, fail, load, setup_logging
 
 log = logging.getLogger("tunewheel.serve")
 
@@ -129,6 +129,20 @@ async def run_serve(settings, *, with_learner: bool = False) -> None:
             signal.signal(sig, handler)
 
 
+def check_port(host: str, port: int) -> None:
+    """The gateway's address is free, checked before the engine takes half a minute to start."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            fail(f"the gateway cannot listen on {host}:{port} ({exc.strerror}): stop what uses that port, "
+                 "or choose another with --port (serve.port)")
+
+
 def serve(
     ctx: typer.Context,
     config: ConfigOption = None,
@@ -140,8 +154,7 @@ def serve(
     from serve.gateway.auth import check_bind
     from serve.engine import EngineStartError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per health poll and request
+    setup_logging(logging.INFO)
     settings = load(ctx, config)
     if host is not None:
         settings.serve.host = host
@@ -151,10 +164,16 @@ def serve(
         check_bind(settings)
     except ValueError as exc:
         fail(str(exc), 2)
+    check_port(settings.serve.host, settings.serve.port)
     try:
         asyncio.run(run_serve(settings, with_learner=with_learner))
     except EngineStartError as exc:
-        fail(f"the engine did not start: {exc}")
+        first, *details = str(exc).splitlines() or [""]
+        fix = next((line for line in details if line.startswith("likely fix:")), None)
+        for line in details:  # the engine's last log lines, as context above the one error line
+            if line != fix:
+                typer.echo(line, err=True)
+        fail(f"the engine did not start: {first}" + (f"; {fix}" if fix else ""))
     except (asyncio.CancelledError, KeyboardInterrupt):
         typer.echo("stopped before the gateway was up", err=True)
         raise typer.Exit(130)

@@ -51,8 +51,7 @@ ENGINE_PARAMS = ("top_k", "min_p", "repetition_penalty", "length_penalty", "min_
                  "spaces_between_special_tokens", "truncate_prompt_tokens", "guided_json", "guided_regex",
                  "guided_choice", "guided_grammar", "structured_outputs", "add_generation_prompt",
                  "continue_final_message")
-HASH_HINT = ("keys are stored hashed: put sha256 hex here (`tunewheel keys hash KEY`, or "
-             "python -c 'from serve.settings import hash_key; print(hash_key(\"KEY\"))')")
+HASH_HINT = "keys are stored hashed: put sha256 hex here (`tunewheel keys hash KEY` prints it)"
 
 
 def _check_hash(key: str) -> str:

@@ -115,5 +115,5 @@ def check_bind(settings: Settings) -> None:
     if not Auth.from_settings(settings).enabled and not is_loopback(settings.serve.host):
         raise ValueError(
             f"refusing to bind {settings.serve.host}: no API keys are configured, so the gateway would be open. "
-            "Add serve.api_keys (sha256 hex: `tunewheel keys hash KEY`) or bind 127.0.0.1."
+            "Add serve.api_keys (sha256 hex: `tunewheel keys new` makes a key and its hash) or bind 127.0.0.1."
         )

@@ -137,7 +137,7 @@ def test_training_failure_is_recorded_and_production_untouched(setup):
     assert cycles(db)[-1].outcome == "failed" and "SIGKILL" in cycles(db)[-1].error
 
 
-def test_evaluation_failure_rejects_the_registered_candidate(setup):
+def test_evaluation_failure_marks_the_registered_candidate_failed(setup):
     settings, db, registry = setup
 
     def unreachable(data, **kw):
@@ -147,7 +147,7 @@ def test_evaluation_failure_rejects_the_registered_candidate(setup):
 
     assert report.outcome == "failed" and "unreachable" in report.error
     assert registry.prod("chat") is None
-    assert registry.get(report.version).state == "rejected"
+    assert registry.get(report.version).state == "failed"
     assert "unreachable" in registry.get(report.version).error
 
 

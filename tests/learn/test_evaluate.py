@@ -206,6 +206,8 @@ def test_cli_prints_the_table_and_writes_the_report(heldout, tmp_path, monkeypat
     monkeypatch.setenv("TUNEWHEEL_DATA_DIR", str(tmp_path / "data"))
     out = tmp_path / "report.json"
     with respx.mock() as mock:
+        for path, body in (("/health", {}), ("/ready", {}), ("/v1/models", {"data": [{"id": "base"}]})):  # the pre-flight
+            mock.get(f"{URL}{path}").respond(200, json=body)
         mock.post(f"{URL}/v1/chat/completions").mock(side_effect=FakeGateway())
         result = CliRunner().invoke(app, ["eval", "--model", "base", "--data", str(heldout), "--url", URL, "--report-out", str(out)])
     assert result.exit_code == 0, result.output

@@ -38,6 +38,10 @@ REQUIRED = {
     "restyle synth": ["--out", "x.jsonl"],
     "restyle build": ["--style", "pirate", "--texts", "x.jsonl"],
     "restyle train": ["--style", "pirate"],
+    "config show": [],
+    "config table": [],
+    "keys hash": ["KEY"],
+    "keys new": [],
 }
 
 
