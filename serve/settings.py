@@ -126,7 +126,7 @@ class ServeSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Gateway bind address; with no API keys only loopback is allowed.")
     port: int = Field(8000, description="Gateway port.")
     url: str | None = Field(None, description="The gateway's address as the learner and `tunewheel eval` reach it "
-                            "(in compose `http://gateway:8000`); default http://<host>:<port>.")
+                            "(in compose `http://gateway:8000`); default: from serve.host and serve.port.")
     api_keys: list[str] = Field(default_factory=list, description="sha256 hex of keys with the chat and feedback scopes.")
     admin_keys: list[str] = Field(default_factory=list, description="sha256 hex of keys with every scope (admin routes, "
                                   "pinned unpromoted versions, any completion's feedback).")
