@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from feedback.cli_common import ConfigError
@@ -42,11 +42,101 @@ class AliasSettings(BaseModel):
     style: str | None = Field(None, description="Restyle every answer of this alias into this style.")
 
 
+SCOPES = ("chat", "feedback", "metrics", "admin")
+Scope = Literal["chat", "feedback", "metrics", "admin"]
+API_KEY_SCOPES = ("chat", "feedback")  # what a key in serve.api_keys holds; serve.admin_keys hold every scope
+# vLLM's sampling extensions a client may send besides the OpenAI fields (serve.limits.engine_params).
+ENGINE_PARAMS = ("top_k", "min_p", "repetition_penalty", "length_penalty", "min_tokens", "ignore_eos",
+                 "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens",
+                 "spaces_between_special_tokens", "truncate_prompt_tokens", "guided_json", "guided_regex",
+                 "guided_choice", "guided_grammar", "structured_outputs", "add_generation_prompt",
+                 "continue_final_message")
+HASH_HINT = "keys are stored hashed: put sha256 hex here (`tunewheel keys hash KEY` prints it)"
+
+
+def _check_hash(key: str) -> str:
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise ValueError(HASH_HINT)
+    return key
+
+
+class KeySettings(BaseModel):
+    """One bearer key and what it may do: `[[serve.keys]] hash = "<sha256 hex>" scopes = ["chat"]`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hash: str = Field(description="sha256 hex of the bearer key (`tunewheel keys hash KEY`).")
+    scopes: list[Scope] = Field(default_factory=lambda: list(API_KEY_SCOPES), min_length=1,
+                                description="chat (chat completions, the model list), feedback (rate answers), "
+                                            "metrics (GET /metrics when serve.metrics_need_key), admin (everything, "
+                                            "/admin routes, pinned versions that are not promoted, any answer's feedback).")
+
+    @field_validator("hash")
+    @classmethod
+    def _hashed(cls, key: str) -> str:
+        return _check_hash(key)
+
+
+class LimitsSettings(BaseModel):
+    """`[serve.limits]`: what one request may ask for, and how many a key may send. A request over
+    a size limit gets 422 naming the field; over a rate or in-flight limit 429 (per key) or 503
+    (the whole gateway), both with Retry-After. Per-key limits apply to keys without the admin
+    scope (operators and the learner, which must evaluate at full speed); an open gateway (no
+    keys, loopback only) has a single user and only the gateway-wide limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(1024, ge=1, description="Largest max_tokens / max_completion_tokens a request may ask for.")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens sent to the engine when the request names none "
+                                    "(the engine's own default is the whole context); at most max_tokens.")
+    max_prompt_chars: int = Field(32_000, ge=1, description="Characters of all message texts plus the JSON of `tools` "
+                                  "and `style_params`.")
+    max_messages: int = Field(256, ge=1, description="Messages in one request.")
+    max_n: int = Field(4, ge=1, description="Largest `n` (choices per request): each costs a whole generation.")
+    max_stop: int = Field(4, ge=0, description="Stop sequences in `stop` (OpenAI's limit is 4), and token ids in "
+                          "`stop_token_ids`.")
+    max_stop_chars: int = Field(100, ge=1, description="Characters of one stop sequence.")
+    max_logit_bias: int = Field(300, ge=0, description="Entries in `logit_bias` (OpenAI's limit is 300).")
+    max_grammar_bytes: int = Field(16_384, ge=1, description="Bytes of JSON of each guided-decoding constraint: "
+                                   "response_format, guided_json/regex/choice/grammar, structured_outputs.")
+    max_json_depth: int = Field(32, ge=4, description="Nesting depth of a request body (objects and arrays).")
+    engine_params: list[str] = Field(default_factory=lambda: list(ENGINE_PARAMS),
+                                     description="vLLM sampling extensions a request may send besides the OpenAI "
+                                                 "fields; any other field is refused (422).")
+    max_in_flight: int = Field(128, ge=1, description="Chat requests being answered at once by this gateway process; "
+                               "beyond it 503 with Retry-After.")
+    max_in_flight_per_key: int = Field(32, ge=1, description="Chat requests being answered at once for one key; "
+                                       "beyond it 429 with Retry-After.")
+    requests_per_minute: float = Field(600.0, gt=0, description="Per-key token bucket: sustained requests per minute "
+                                       "(chat, feedback and the model list together); beyond it 429 with Retry-After.")
+    burst: int = Field(100, ge=1, description="Per-key token bucket: requests a key may send at once after a pause.")
+    max_feedback_per_completion: int = Field(20, ge=1, description="Ratings one completion may receive (each is kept "
+                                             "as history); beyond it 409.")
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> LimitsSettings:
+        if "default_max_tokens" not in self.model_fields_set:
+            self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
+        elif self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is over max_tokens ({self.max_tokens})")
+        return self
+
+
 class ServeSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Gateway bind address; with no API keys only loopback is allowed.")
     port: int = Field(8000, description="Gateway port.")
-    api_keys: list[str] = Field(default_factory=list, description="sha256 hex of accepted bearer keys (`tunewheel keys hash KEY`).")
-    admin_keys: list[str] = Field(default_factory=list, description="sha256 hex of admin keys (admin routes, any completion's feedback; `tunewheel keys hash KEY`).")
+    url: str | None = Field(None, description="The gateway's address as the learner and `tunewheel eval` reach it "
+                            "(in compose `http://gateway:8000`); default: from serve.host and serve.port.")
+    api_keys: list[str] = Field(default_factory=list, description="sha256 hex of keys with the chat and feedback scopes.")
+    admin_keys: list[str] = Field(default_factory=list, description="sha256 hex of keys with every scope (admin routes, "
+                                  "pinned unpromoted versions, any completion's feedback).")
+    keys: list[KeySettings] = Field(default_factory=list, description="Keys with chosen scopes (`[[serve.keys]]`), "
+                                    "besides api_keys and admin_keys.")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host header values the API answers "
+                                     "(`example.com`, `*.example.com`, `*`); empty: the loopback names when bound to "
+                                     "loopback, any otherwise. Stops DNS rebinding; /health, /ready, /metrics are exempt.")
+    metrics_need_key: bool = Field(False, description="GET /metrics needs a key with the metrics (or admin) scope.")
+    limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Request sizes, rates and requests in flight.")
     max_request_bytes: int = Field(1_000_000, description="Request bodies larger than this get 413.")
     request_timeout_s: float = Field(600.0, description="Timeout of one upstream request to the engine.")
     aliases: dict[str, AliasSettings] = Field(
@@ -58,10 +148,18 @@ class ServeSettings(BaseModel):
     @field_validator("api_keys", "admin_keys")
     @classmethod
     def _hashed(cls, keys: list[str]) -> list[str]:
-        for k in keys:
-            if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
-                raise ValueError("keys are stored hashed: put sha256 hex here (`tunewheel keys hash KEY` prints it)")
-        return keys
+        return [_check_hash(k) for k in keys]
+
+    def key_scopes(self) -> dict[str, frozenset[str]]:
+        """key hash -> its scopes, from api_keys, admin_keys and keys together (a key listed twice holds both sets)."""
+        scopes: dict[str, set[str]] = {}
+        for k in self.api_keys:
+            scopes.setdefault(k, set()).update(API_KEY_SCOPES)
+        for k in self.admin_keys:
+            scopes.setdefault(k, set()).update(SCOPES)
+        for key in self.keys:
+            scopes.setdefault(key.hash, set()).update(SCOPES if "admin" in key.scopes else key.scopes)
+        return {k: frozenset(v) for k, v in scopes.items()}
 
 
 class EngineSettings(BaseModel):
@@ -129,6 +227,9 @@ class Settings(BaseSettings):
 
     @property
     def gateway_url(self) -> str:
+        """Where the learner and `tunewheel eval` reach the gateway: serve.url, else from host and port."""
+        if self.serve.url:
+            return self.serve.url.rstrip("/")
         host = "127.0.0.1" if self.serve.host in ("0.0.0.0", "::") else self.serve.host
         return f"http://{host}:{self.serve.port}"
 

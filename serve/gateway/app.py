@@ -8,6 +8,11 @@
     GET  /health  /ready  /metrics                         routes_health.py
     /admin/...                  admin key only             routes_admin.py
 
+Every request passes the guard first (serve/gateway/guard.py: Host allowlist, per-key rate,
+requests in flight); every error leaves as an OpenAI error object, FastAPI's and Starlette's own
+(404, 405, a bad query parameter) included; GET /openapi.json describes every route's bodies
+and the limits in force (serve/gateway/openapi.py).
+
 `create_app` builds nothing that does I/O. The lifespan (`serving`) opens the database
 (`store_url`, migrated) and the turn writer unless one was passed, one pooled
 `httpx.AsyncClient` for the app's lifetime and, with a registry, the hot-swap reconciler and
@@ -26,7 +31,9 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from feedback.db import make_db
 from feedback.writer import TurnWriter
@@ -34,6 +41,9 @@ from serve import metrics
 from serve.gateway import routes_admin, routes_chat, routes_feedback, routes_health
 from serve.gateway.auth import Auth
 from serve.gateway.chat import ChatService
+from serve.gateway.guard import Guard
+from serve.gateway.limits import Limits
+from serve.gateway.openapi import describe
 from serve.gateway.protocol import APIError
 from serve.gateway.relay import TurnRecorder
 from serve.gateway.restyle import RestyleStep
@@ -69,14 +79,33 @@ def create_app(settings: Settings, *, engine: Any = None, writer: TurnWriter | N
             yield
 
     app = FastAPI(title="tunewheel gateway", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(Guard)
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _query_error)
     for module in (routes_chat, routes_feedback, routes_health, routes_admin):
         app.include_router(module.router)
+    app.openapi = lambda: describe(app, settings)
     return app
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's and Starlette's HTTP errors (the admin routes' 404/409/503, an unknown path, 405) as OpenAI errors."""
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(exc.status_code)
+    error = APIError(exc.status_code, str(exc.detail), type=kind or "invalid_request_error", headers=exc.headers)
+    return await _api_error(request, error)
+
+
+async def _query_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A path or query parameter that does not fit (the bodies are read by the routes): 422 naming it."""
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    message = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors())
+    return await _api_error(request, APIError(422, message, code="invalid_value", param=param))
 
 
 @asynccontextmanager
@@ -106,7 +135,7 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
                            alias_styles={n: a.style for n, a in settings.serve.aliases.items() if a.style})
         yield GatewayState(settings=settings, auth=Auth.from_settings(settings), engine=engine, router=router,
                            chat=chat, writer=writer, registry=registry, reconciler=reconciler,
-                           store_metrics=metrics.StoreMetrics(writer.engine))
+                           store_metrics=metrics.StoreMetrics(writer.engine), limits=Limits(settings.serve.limits))
 
 
 def _reload_after_restart(stack: AsyncExitStack, engine: Any, reconciler: Reconciler) -> None:

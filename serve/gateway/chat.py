@@ -19,13 +19,24 @@ Each accepted request becomes one turn (serve/gateway/relay.py), handed to the t
 after the answer: a stream when it ends, with status `incomplete` and the partial answer when
 the client left early, `error` when the engine broke off. Requests refused before an answer
 (unknown model, engine not ready, an engine error status) are not turns and write nothing.
-Non-streamed answers have no time to first token (`ttft_ms` None).
+Non-streamed answers have no time to first token (`ttft_ms` None). A client that leaves before
+a non-streamed answer is complete cancels the engine request (nobody would read the answer;
+closing the connection makes vLLM abort the generation): counted as status 499, no turn.
+
+Who may ask for what: `chat@<version>` of a version that is not promoted (a candidate on
+trial, a retired or rejected one) is for operators only (an admin key, or the user of an open
+loopback gateway), so a chat key cannot make the engine load versions that never passed the
+gate; to anyone else it does not exist, and the names a 404 lists are the public ones. A
+pinned version the engine would not load is a 503 that names the version, never its folder.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import httpx
 from fastapi.responses import JSONResponse, Response
@@ -34,7 +45,11 @@ from serve.gateway.auth import Caller
 from serve.gateway.protocol import APIError, ChatCompletionRequest, engine_payload, not_ready, upstream_error
 from serve.gateway.relay import InFlight, Relay, RelayResponse, TurnRecorder, rejected
 from serve.gateway.restyle import RestyleStep
-from serve.routing import Route, Router, UnknownModel
+from serve.routing import BASE_NAME, PINNED_PREFIX, Route, Router, UnknownModel, pinned_version
+
+log = logging.getLogger("tunewheel.gateway")
+T = TypeVar("T")
+Disconnected = Callable[[], Awaitable[Any]]
 
 
 class ChatService:
@@ -53,13 +68,18 @@ class ChatService:
         self.alias_styles = alias_styles or {}
         self.timeout = httpx.Timeout(timeout_s, connect=5.0)
 
-    def model_names(self) -> list[str]:
-        return self.router.model_names()
+    def model_names(self, caller: Caller) -> list[str]:
+        """The names `caller` may send as `model`: pinned versions on trial only for operators."""
+        if caller.operator:
+            return self.router.model_names()
+        served = dict.fromkeys(v for v in self.router.table.aliases().values() if v != self.router.base)
+        return [*self.router.table.aliases(), BASE_NAME, *(PINNED_PREFIX + v for v in served)]
 
     async def create(self, request: ChatCompletionRequest, body: dict[str, Any], *, caller: Caller,
-                     conversation_id: str | None, started: float) -> Response:
-        """The answer to one validated request: JSON, or an SSE stream."""
-        route = await self._route(request.model, conversation_id)
+                     conversation_id: str | None, started: float, disconnected: Disconnected | None = None) -> Response:
+        """The answer to one validated request: JSON, or an SSE stream. `disconnected`: returns once
+        the client has gone (a non-streamed request is cancelled then)."""
+        route = await self._route(request.model, conversation_id, caller)
         style = request.style or self.alias_styles.get(route.model)
         try:
             if route.load is not None and self.loader is not None:
@@ -73,13 +93,13 @@ class ChatService:
         flight = self.recorder.begin(route, body, stream=request.stream, key_hash=caller.key_hash,
                                      conversation_id=conversation_id, style=style, started=started)
         payload = engine_payload(body, route.version, whole=restyler is not None)
-        response = await self._send(payload, flight)
         if payload.get("stream"):
+            response = await self._send(payload, flight)
             relay = Relay(self.recorder, response, flight, forward_usage=request.wants_usage)
             return RelayResponse(relay.events(), on_close=relay.close, media_type="text/event-stream",
                                  headers={"x-tunewheel-adapter": route.version, "cache-control": "no-cache",
                                           "x-accel-buffering": "no"})
-        data = await self._read(response, flight)
+        data = await unless_client_leaves(self._whole(payload, flight), disconnected)
         if restyler is not None:
             return await self.restyle.answer(flight, data, restyler=restyler, params=request.style_params,
                                              stream=request.stream)
@@ -90,20 +110,35 @@ class ChatService:
                              status="ok")
         return JSONResponse(data, headers={"x-tunewheel-adapter": route.version})
 
-    async def _route(self, model: str, conversation_id: str | None) -> Route:
-        """The router's decision; 404 listing the valid names."""
+    async def _route(self, model: str, conversation_id: str | None, caller: Caller) -> Route:
+        """The router's decision; 404 listing the names this caller may use."""
+        version = pinned_version(model)
         try:
+            if version is not None and not caller.operator and not await self._public(version):
+                raise UnknownModel(model, [])
             return await self.router.route(model, conversation_id=conversation_id)
         except UnknownModel as exc:
             rejected(404)
-            raise APIError(404, str(exc), type="not_found_error", code="model_not_found", param="model") from exc
+            hint = "" if caller.operator or version is None else \
+                " (pinned versions that are not promoted need an admin key)"
+            raise APIError(404, f"model {model!r} does not exist; valid names: {', '.join(self.model_names(caller))}"
+                           f"{hint}", type="not_found_error", code="model_not_found", param="model") from exc
+
+    async def _public(self, version: str) -> bool:
+        """Whether anyone with a chat key may pin `version`: an alias serves it, or it is a promoted chat version."""
+        if version in self.router.table.aliases().values() or self.router.registry is None:
+            return True
+        v = await asyncio.to_thread(self.router.registry.get, version)
+        return v is not None and v.kind == "chat" and v.state == "promoted"
 
     async def _load_pinned(self, route: Route) -> None:
         try:
             await self.loader.ensure_pinned(route.load)
-        except Exception as exc:  # the registry knows it but the engine would not load it
-            raise APIError(503, f"adapter {route.version} could not be loaded: {exc}", type="service_unavailable",
-                           code="adapter_unavailable", headers={"Retry-After": "30"}) from exc
+        except Exception as exc:  # the registry knows it but the engine would not load it; the details stay here
+            log.error("pinned version %s could not be loaded: %s", route.version, exc)
+            raise APIError(503, f"adapter {route.version} could not be loaded into the engine; the gateway log has "
+                           "the reason", type="service_unavailable", code="adapter_unavailable",
+                           headers={"Retry-After": "30"}) from exc
 
     async def _restyler(self, style: str) -> str:
         """The loaded restyler version of `style`; 404 naming the styles there are."""
@@ -130,9 +165,12 @@ class ChatService:
                 finally:
                     await response.aclose()
         except BaseException as exc:  # a cancelled request must also give its lease back
-            self.recorder.refuse(flight, exc)
+            self.recorder.refuse(flight, _client_left(exc))
             raise
         return response
+
+    async def _whole(self, payload: dict[str, Any], flight: InFlight) -> dict[str, Any]:
+        return await self._read(await self._send(payload, flight), flight)
 
     async def _read(self, response: httpx.Response, flight: InFlight) -> dict[str, Any]:
         """A whole (non-streamed) answer as JSON; 502 when it cannot be read."""
@@ -144,5 +182,31 @@ class ChatService:
             finally:
                 await response.aclose()
         except BaseException as exc:
-            self.recorder.refuse(flight, exc)
+            self.recorder.refuse(flight, _client_left(exc))
             raise
+
+
+def _client_left(exc: BaseException) -> BaseException:
+    """How a refusal is counted: a cancelled request is one whose client left (499, as nginx counts it)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return APIError(499, "the client closed the connection", code="client_closed_request")
+    return exc
+
+
+async def unless_client_leaves(work: Coroutine[Any, Any, T], disconnected: Disconnected | None) -> T:
+    """`work`'s result, or 499 once `disconnected()` returns first: `work` is cancelled then."""
+    if disconnected is None:
+        return await work
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise
+        raise _client_left(asyncio.CancelledError()) from None

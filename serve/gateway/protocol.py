@@ -14,13 +14,10 @@ as OpenAI error objects, `{"error": {"message", "type", "param", "code"}}`, whic
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-Role = Literal["system", "user", "assistant", "tool"]
-
 
 class APIError(Exception):
     """An error the gateway answers with; rendered as an OpenAI error object by the app."""
@@ -63,9 +60,17 @@ def validation_error(exc: ValidationError) -> APIError:
     return APIError(422, "; ".join(problems), code="invalid_value", param=first_param)
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The request body as a JSON object: 413 past `limit` bytes (whether or not the client sent
-    Content-Length), 400 when it is not a JSON object. Read once, here, for every route."""
+JSON_DEPTH = 32  # default nesting limit of a body (serve.limits.max_json_depth)
+
+
+async def read_json(request: Request, limit: int, *, max_depth: int = JSON_DEPTH) -> dict[str, Any]:
+    """The request body as a JSON object, read once, here, for every route: 415 unless it is sent
+    as JSON (a browser's cross-site form or no-cors fetch cannot send `application/json`), 413 past
+    `limit` bytes (whether or not the client sent Content-Length), 400 when it is not strict JSON
+    (NaN and Infinity are not JSON) or not an object, nests deeper than `max_depth` or holds a
+    lone surrogate, 422 naming the field when a string holds a NUL character (no store keeps it)."""
+    if not is_json(request.headers.get("content-type")):
+        raise APIError(415, "send the body as JSON with `Content-Type: application/json`", code="unsupported_media_type")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise APIError(413, f"request body of {length} bytes is over the limit of {limit} (serve.max_request_bytes)",
@@ -78,12 +83,61 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
                            code="request_too_large")
         chunks.append(chunk)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(b"".join(chunks), parse_constant=_not_json)
+    except RecursionError as exc:
+        raise APIError(400, f"the body nests deeper than {max_depth} levels (serve.limits.max_json_depth)",
+                       code="invalid_json") from exc
     except ValueError as exc:
         raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    check_values(body, max_depth)
     return body
+
+
+def is_json(content_type: str | None) -> bool:
+    """`application/json` or any `+json` type, with or without parameters (charset)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value (send a number, or null)")
+
+
+def check_values(body: Any, max_depth: int) -> None:
+    """Walk a parsed body: 400 past `max_depth` levels or at a lone surrogate (it cannot be encoded
+    to UTF-8, for the engine or the store), 422 at a NUL character; the error names the field."""
+    stack: list[tuple[Any, tuple, int]] = [(body, (), 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > max_depth:
+                raise APIError(400, f"the body nests deeper than {max_depth} levels at {_dotted(path)} "
+                               "(serve.limits.max_json_depth)", code="invalid_json", param=_dotted(path))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key, path)
+                stack.append((item, (*path, key), depth + 1))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: tuple) -> None:
+    where = _dotted(path) or None
+    if "\x00" in text:
+        raise APIError(422, f"{where or 'a key'}: NUL characters are not accepted", code="invalid_value", param=where)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(400, f"{where or 'a key'}: a lone surrogate (\\u{ord(text[exc.start]):04x}) is not valid "
+                           "Unicode", code="invalid_json", param=where) from None
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
 
 
 def upstream_error(status: int, content: bytes) -> APIError:
@@ -104,33 +158,47 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class _Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Role
-    content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
-
-    @model_validator(mode="after")
-    def _text_where_required(self) -> ChatMessage:
-        if self.role == "assistant":
-            if self.content is None and not self.tool_calls:
-                raise ValueError("an assistant message needs `content` (a string) or `tool_calls`")
-            if isinstance(self.content, list):
-                raise ValueError("assistant `content` must be a string")
-        elif self.role == "user":
-            if self.content is None:
-                raise ValueError("a user message needs `content`: a string or a list of text parts")
-        elif not isinstance(self.content, str):
-            raise ValueError(f"a {self.role} message needs `content` as a string")
-        return self
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+        content = getattr(self, "content", None)
+        if isinstance(content, list):
+            return "".join(p.text for p in content)
+        return content or ""
+
+
+class SystemMessage(_Message):
+    role: Literal["system"]
+    content: str
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: str | list[TextPart]
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _says_something(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs `content` (a string) or `tool_calls`")
+        return self
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: str
+    tool_call_id: str | None = None
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
 class StreamOptions(BaseModel):
@@ -140,28 +208,54 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The OpenAI chat request; unknown fields go to vLLM as they came."""
+    """The OpenAI chat request, with the vLLM sampling extensions that `serve.limits.engine_params`
+    allows by default. Sizes are checked against `[serve.limits]` after this schema (limits.py);
+    fields this model does not name pass through to vLLM as they came when that list allows them."""
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = "chat"
+    model: str = Field("chat", description="An alias (`chat`), `base`, or a pinned version `chat@<version>`.")
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="At most serve.limits.max_tokens; "
+                                   "serve.limits.default_max_tokens when neither this nor max_completion_tokens is sent.")
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1, le=16)
+    n: int | None = Field(None, ge=1)
     seed: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = Field(None, description="Token id -> bias in [-100, 100].")
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = Field(None, max_length=256)
+    # vLLM's sampling extensions (vllm.entrypoints.openai.protocol.ChatCompletionRequest)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    length_penalty: float | None = None
+    min_tokens: int | None = Field(None, ge=0, description="At most the request's max_tokens.")
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    # the gateway's own
     style: str | None = Field(None, min_length=1, max_length=200, description="Restyle the answer into this style.")
     style_params: dict[str, str] | None = Field(None, description="Style parameters (tone, mood) the restyler was trained with.")
 
@@ -175,6 +269,11 @@ class ChatCompletionRequest(BaseModel):
 NOT_PARAMS = frozenset({"model", "messages", "stream", "stream_options", "user", "style", "style_params"})
 # Fields of ours that the engine must not see.
 GATEWAY_ONLY = ("style", "style_params")
+# The OpenAI chat fields the gateway accepts; vLLM's extensions besides them: serve.limits.engine_params.
+OPENAI_FIELDS = frozenset({
+    "model", "messages", "stream", "stream_options", "temperature", "top_p", "max_tokens", "max_completion_tokens",
+    "stop", "n", "seed", "logprobs", "top_logprobs", "logit_bias", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls", "presence_penalty", "frequency_penalty", "user"})
 
 
 def sampling_params(body: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The gateway's state: one typed object that the lifespan builds and every route receives.
 
     state = GatewayState(settings=..., auth=..., engine=..., router=..., chat=..., writer=...,
-                         registry=None, reconciler=None, store_metrics=StoreMetrics(writer.engine))
+                         registry=None, reconciler=None, store_metrics=StoreMetrics(writer.engine),
+                         limits=Limits(settings.serve.limits))
     app.state.gateway = state                # serve/gateway/app.py, once the lifespan has started
 
     @router.get("/x")
@@ -18,6 +19,7 @@ from typing import Any
 
 from serve.gateway.auth import Auth
 from serve.gateway.chat import ChatService
+from serve.gateway.limits import Limits
 from serve.metrics import StoreMetrics
 from serve.reconcile import Reconciler
 from serve.routing import Router
@@ -39,6 +41,8 @@ class GatewayState:
     reconciler: Reconciler | None
     store_metrics: StoreMetrics
     """The learner's and registry's figures, read from the store at scrape time."""
+    limits: Limits
+    """`[serve.limits]`: request checks, per-key token buckets, requests in flight."""
 
     @property
     def db(self):

@@ -32,6 +32,8 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tunewheel.json"
 EXAMPLE_ENV = {  # what an operator puts in deploy/.env
     "TUNEWHEEL_API_KEY_SHA256": "a" * 64,
     "TUNEWHEEL_ADMIN_KEY_SHA256": "b" * 64,
+    "TUNEWHEEL_LEARNER_KEY": "learner-key",
+    "TUNEWHEEL_LEARNER_KEY_SHA256": "c" * 64,
     "POSTGRES_PASSWORD": "pw",
     "GRAFANA_ADMIN_PASSWORD": "pw",
 }
@@ -140,7 +142,7 @@ def test_compose_environment_is_valid_tunewheel_config(path, monkeypatch):
     settings = load_settings(None)
     assert settings.engine.url == "http://vllm:8000"
     assert settings.store_url.startswith("postgresql+psycopg://tunewheel:pw@postgres:5432/")
-    assert settings.serve.api_keys == ["a" * 64] and settings.serve.admin_keys == ["b" * 64]
+    assert settings.serve.api_keys == ["a" * 64] and settings.serve.admin_keys == ["b" * 64, "c" * 64]
     assert str(settings.data_dir) == "/data"
 
 

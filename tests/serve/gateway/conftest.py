@@ -47,7 +47,7 @@ async def make_gw(tmp_path):
         app = create_app(settings, engine=engine, writer=writer, registry=reg, router=router)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")
         stack.append((lifespan, client))
         return SimpleNamespace(app=app, client=client, engine=engine, writer=writer, db=writer.engine,
                                settings=settings, router=router, registry=reg)

@@ -3,10 +3,12 @@
     upstream.post("/v1/chat/completions").respond(200, json=vllm_answer("Hi"))
     upstream.post("/v1/chat/completions").respond(200, content=b"".join(sse_chunks(["Hel", "lo"])))
     events(response.text)          # the SSE events a client got, "[DONE]" last
+    await call_and_leave(app, body, leave_after=None)   # a client that disconnects (None: at once)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from sqlmodel import Session, select
@@ -50,3 +52,32 @@ def turns(writer) -> list[Turn]:
     writer.flush(10)
     with Session(writer.engine) as s:
         return list(s.exec(select(Turn).order_by(Turn.created_at)))
+
+
+async def call_and_leave(app, body: dict, leave_after: bytes | None, *, leave_on: asyncio.Event | None = None) -> None:
+    """Drive the ASGI app as a client that disconnects once it has seen `leave_after` (None: at once),
+    or once `leave_on` is set."""
+    sent: list[dict] = []
+    left = leave_on or asyncio.Event()
+    if leave_after is None and leave_on is None:
+        left.set()
+    requested = False
+
+    async def receive():
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if leave_after is not None and leave_after in message.get("body", b""):
+            left.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("gw", 80), "state": {}}
+    await asyncio.wait_for(app(scope, receive, send), 10)

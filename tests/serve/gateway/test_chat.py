@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.serve.gateway.fakes import MESSAGES, events, sse_chunks, turns, vllm_answer
+from tests.serve.gateway.fakes import MESSAGES, call_and_leave, events, sse_chunks, turns, vllm_answer
 
 
 async def test_plain_answer_has_logged_id_alias_and_adapter(gw, upstream):
@@ -63,34 +63,6 @@ async def test_stream_usage_chunk_reaches_a_client_that_asked(gw, upstream):
                                                            "stream_options": {"include_usage": True}})
     usage = [c for c in events(r.text)[:-1] if not c["choices"]]
     assert len(usage) == 1 and usage[0]["usage"]["completion_tokens"] == 1 and usage[0]["model"] == "chat"
-
-
-async def call_and_leave(app, body: dict, leave_after: bytes | None) -> None:
-    """Drive the ASGI app as a client that disconnects once it has seen `leave_after` (None: at once)."""
-    sent: list[dict] = []
-    left = asyncio.Event()
-    if leave_after is None:
-        left.set()
-    requested = False
-
-    async def receive():
-        nonlocal requested
-        if not requested:
-            requested = True
-            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
-        await left.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message)
-        if leave_after is not None and leave_after in message.get("body", b""):
-            left.set()
-
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "query_string": b"", "root_path": "", "headers": [(b"host", b"gw"), (b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 5000), "server": ("gw", 80), "state": {}}
-    await asyncio.wait_for(app(scope, receive, send), 10)
 
 
 @pytest.mark.parametrize(("leave_after", "partial"), [(b"upon", "Once upon"), (None, None)])

@@ -60,7 +60,7 @@ async def test_too_large_body_is_413_with_or_without_content_length(gw, upstream
     async def chunked():
         yield json.dumps(big).encode()
 
-    r = await gw.client.post("/v1/chat/completions", content=chunked())
+    r = await gw.client.post("/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert turns(gw.writer) == []
 

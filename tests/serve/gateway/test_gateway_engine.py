@@ -88,8 +88,11 @@ def test_unknown_model_and_bad_body_through_openai_client(gateway):
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.UnprocessableEntityError, match="messages"):
         client.chat.completions.create(model="chat", messages=[])
-    with pytest.raises(openai.BadRequestError):  # vLLM's own refusal comes back with its status
+    with pytest.raises(openai.UnprocessableEntityError, match="serve.limits.max_tokens"):  # the gateway's cap
         client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+    with pytest.raises(openai.BadRequestError):  # vLLM's own refusal (a prompt over the context) keeps its status
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hello " * 2500}],
+                                       max_tokens=8)
     gateway.writer.flush(30)
     with Session(gateway.db) as s:
         assert s.exec(select(Turn)).all() == []
@@ -113,6 +116,28 @@ def test_client_leaving_mid_stream_leaves_an_incomplete_turn(gateway):
         time.sleep(0.1)
     assert turn is not None and turn.status == "incomplete" and turn.finish_reason is None
     assert turn.completion_tokens is None or turn.completion_tokens < 200
+
+
+def engine_running(engine_url: str) -> float:
+    """Requests vLLM is generating for now (its own gauge)."""
+    text = httpx.get(f"{engine_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:num_requests_running"))
+
+
+def test_a_non_streamed_generation_stops_when_its_client_leaves(gateway, engine_url):
+    body = {"model": "chat", "messages": [{"role": "user", "content": "Write a long poem."}], "max_tokens": 1000,
+            "ignore_eos": True}  # about a minute of generation on this CPU
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=2))
+    for _ in range(50):  # the gateway drops its engine request; vLLM aborts a request whose client closed
+        if engine_running(engine_url) == 0:
+            break
+        time.sleep(0.1)
+    assert engine_running(engine_url) == 0
+    assert 'tunewheel_requests_total{alias="chat",status="499",version="base"}' in httpx.get(f"{gateway.url}/metrics").text
+    gateway.writer.flush(30)
+    with Session(gateway.db) as s:
+        assert s.exec(select(Turn)).all() == []
 
 
 def test_three_turns_join_one_conversation(gateway):
