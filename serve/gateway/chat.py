@@ -123,7 +123,7 @@ class ChatService:
         try:
             try:
                 response = await self.http.send(request, stream=bool(payload.get("stream")))
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # refused, reset: it died or restarts
                 raise not_ready(f"the engine is unreachable ({type(exc).__name__})") from exc
             except httpx.TimeoutException as exc:
                 raise APIError(504, "the engine did not answer in time (serve.request_timeout_s)", type="timeout",
