@@ -87,6 +87,7 @@ class TurnWriter:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending: Counter[str] = Counter(self.spool.leftover_ids)  # id -> copies not yet written
+        self._count = len(self.spool.leftover_ids)  # their sum, kept so that no submit sums a long backlog
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -103,7 +104,7 @@ class TurnWriter:
     def pending(self) -> int:
         """Turns handed over and not yet in the database."""
         with self._lock:
-            return sum(self._pending.values())
+            return self._count
 
     @property
     def spool_full(self) -> bool:
@@ -249,21 +250,25 @@ class TurnWriter:
     def _mark_pending(self, turn_id: str) -> None:
         with self._lock:
             self._pending[turn_id] += 1
-            n = sum(self._pending.values())
+            self._count += 1
+            n = self._count
         self._on_pending(n)
 
     def _mark_written(self, ids: list[str]) -> None:
         with self._lock:
             for turn_id in ids:
+                if self._pending.get(turn_id, 0) <= 0:  # not ours (an adopted lane's turn)
+                    continue
                 self._pending[turn_id] -= 1
-                if self._pending[turn_id] <= 0:
+                self._count -= 1
+                if self._pending[turn_id] == 0:
                     del self._pending[turn_id]
                     for loop, fut in self._waiters.pop(turn_id, []):
                         try:
                             loop.call_soon_threadsafe(_resolve, fut)
                         except RuntimeError:  # that event loop is closed
                             pass
-            n = sum(self._pending.values())
+            n = self._count
             self._idle.notify_all()
         self._on_pending(n)
 

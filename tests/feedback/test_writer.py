@@ -260,3 +260,21 @@ def test_all_turn_fields_round_trip(db):
             assert (t.prompt_tokens, t.completion_tokens, t.latency_ms, t.ttft_ms) == (5, 7, 12.5, 3.25)
             assert (t.finish_reason, t.status, t.stream, t.key_hash) == ("stop", "incomplete", True, "k" * 64)
             assert t.created_at == created.replace(tzinfo=timezone.utc)
+
+
+def test_a_lane_whose_gateway_is_gone_is_written_by_another(db, tmp_path, monkeypatch):
+    from feedback import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "ADOPT_EVERY_S", 0.1)
+    alive = TurnWriter(db, tmp_path / "spool")  # lane-0
+    gone = TurnWriter(db, tmp_path / "spool")  # lane-1, never started: its turns stay in its lane
+    for i in range(3):
+        gone.submit(turn(f"g{i}", [user("q")], "a")).result(timeout=10)
+    gone.spool.close()  # its process is gone: the lock with it, the turns still on disk
+    alive.start()
+    deadline = time.monotonic() + 30
+    while count_turns(db) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert count_turns(db) == 3 and alive.pending == 0
+    assert not list(gone.spool.lane.glob("*.seg"))
+    assert alive.close(timeout=30)
