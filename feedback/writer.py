@@ -185,11 +185,27 @@ class TurnWriter:
             if self._stop.is_set():
                 return
             if time.monotonic() >= next_adopt:
-                self._adopt_orphans()
                 next_adopt = time.monotonic() + ADOPT_EVERY_S
+                try:
+                    self._adopt_orphans()
+                except OSError as e:
+                    log.warning("turn writer: could not look at other lanes of the spool: %s", e)
 
     def _drain(self, spool: Spool, records: list[Record]) -> bool:
-        """Store `records` and acknowledge them; False when stopped before they were stored."""
+        """Store `records` and acknowledge them, whatever fails meanwhile (the quarantine's disk);
+        False when stopped before they were stored."""
+        attempt = 0
+        while True:
+            try:
+                return self._store(spool, records)
+            except Exception as e:  # never let the writer's thread die: it is the only one
+                log.error("turn writer: %s; retrying the batch", describe(e))
+                self._on_error()
+                attempt += 1
+                if self._stop.wait(self.backoff_s[min(attempt, len(self.backoff_s)) - 1]):
+                    return False
+
+    def _store(self, spool: Spool, records: list[Record]) -> bool:
         for r in records:
             if r.turn is None:
                 log.error("turn spool %s: %s; quarantined", spool.lane, r.problem)

@@ -108,6 +108,26 @@ def test_a_turn_the_database_refuses_is_quarantined_not_dropped_and_not_logged(d
     assert "quarantined" in caplog.text and "TOP-SECRET" not in caplog.text
 
 
+def test_the_writer_survives_a_quarantine_it_cannot_write(db, monkeypatch):
+    from feedback.spool import Quarantine
+
+    real_put, failures = Quarantine.put, iter([True])
+
+    def put(self, error, **kw):
+        if next(failures, False):
+            raise OSError(28, "No space left on device")
+        real_put(self, error, **kw)
+
+    monkeypatch.setattr(Quarantine, "put", put)
+    writer = TurnWriter(db, backoff_s=(0.01,))
+    odd = turn("odd", [user("x")], "y")
+    odd.finish_reason = "f" * 100
+    writer.submit(odd)
+    writer.submit(turn("fine", [user("x")], "y"))
+    assert writer.start().close(timeout=30)
+    assert count_turns(db) == 1 and len(writer.quarantine.path.read_text().splitlines()) == 1
+
+
 def test_a_turn_that_breaks_its_own_schema_is_quarantined_whole(db):
     quarantined = []
     writer = TurnWriter(db, on_quarantine=lambda: quarantined.append(1)).start()
