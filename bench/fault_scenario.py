@@ -1,21 +1,24 @@
 """The pieces of the fault scenario that bench/faults.py and tests/faults/ run: a supervised
 engine, the gateway as its own process, 16 clients, /health probes, database outages.
 
-    with SupervisedEngine(settings) as engine, Stage(tmp, engine.url, store_url, outage) as stage:
-        stage.clients.start()
-        stage.kill_engine(engine); stage.wait_engine_back()        # (a) vLLM SIGKILLed, restarted
-        stage.outage.begin(); ...; stage.outage.end()              # (b) the database away
-        stage.kill_gateway(); stage.restart_gateway()              # (c) gateway SIGKILLed, restarted
-        run = stage.finish()                                       # clients stopped, log drained
-    problems = verify(run)                                         # [] when nothing was lost
+    with SupervisedEngine(settings) as engine:                    # vLLM, restarted when it dies
+        gateway = GatewayProcess(tmp, engine_url=engine.url, store_url=url, port=8123)
+        gateway.start()                                           # python -m serve.cli serve
+        run = Run(t0=time.monotonic())
+        Clients(gateway.url, run).start(); Probes(gateway.url, run, tmp).start()
+        engine.kill(); gateway.kill(); SqliteOutage(path).begin() ...
+        logged_ids(url, {o.completion_id for o in run.outcomes if o.completion_id})
+
+bench/faults.py puts them on a stage (`Stage`), with the plans and the checks.
 
 The engine is vLLM under the same `EngineManager.supervise()` that `tunewheel serve` runs
 (it restarts a dead child with backoff), here in a thread of this process, so that the gateway
 (`python -m serve.cli serve`, attached with `engine.url`) can be SIGKILLed and restarted in
 seconds without taking the engine with it. Each client sends short chats (half of them
 streamed) back to back and records what it got: an answer counts only when it arrived whole
-(the JSON body; a stream's `[DONE]`). Probes GET /health every 0.25 s with a 1 s timeout; a
-second thread reads /metrics for the spool's size and the writes pending.
+(the JSON body; a stream's `[DONE]`). A process of its own GETs /health every 0.25 s with a
+1 s timeout; a
+thread reads /metrics for the spool's size and the writes pending.
 """
 
 from __future__ import annotations
@@ -146,32 +149,52 @@ class Clients:
                 seen = chunk.get("id", seen)
 
 
-class Probes:
-    """GET /health every 0.25 s (1 s timeout) and /metrics every second, on two threads."""
+PROBE = """
+import http.client, sys, time
+host, port, out = sys.argv[1], int(sys.argv[2]), open(sys.argv[3], "w", buffering=1)
+conn = None
+while True:
+    time.sleep(0.25)
+    at = time.monotonic()
+    try:
+        conn = conn or http.client.HTTPConnection(host, port, timeout=1.0)
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        response.read()
+        status = response.status
+    except (OSError, http.client.HTTPException):
+        conn = conn.close() if conn else None
+        status = 0
+    out.write(f"{at} {time.monotonic() - at} {status}\\n")
+"""
 
-    def __init__(self, url: str, run: Run):
+
+class Probes:
+    """GET /health every 0.25 s with a 1 s timeout, from a small process of its own (as a load
+    balancer would: this process's threads cannot delay it), and /metrics every second."""
+
+    def __init__(self, url: str, run: Run, workdir: Path):
         self.url, self.run = url, run
+        self._out = Path(workdir) / "health-probes.txt"
+        self._proc: subprocess.Popen | None = None
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._health, self._metrics)]
+        self._thread = threading.Thread(target=self._metrics, daemon=True)
 
     def start(self) -> None:
-        for t in self._threads:
-            t.start()
+        host, port = self.url.removeprefix("http://").split(":")
+        self._proc = subprocess.Popen([sys.executable, "-c", PROBE, host, port, str(self._out)])
+        self._thread.start()
 
     def stop(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._proc.terminate()
+        self._proc.wait(10)
         self._stop.set()
-        for t in self._threads:
-            t.join(10)
-
-    def _health(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=1.0, trust_env=False) as http:
-            while not self._stop.wait(0.25):
-                at = time.monotonic()
-                try:
-                    status = http.get("/health").status_code
-                except httpx.HTTPError:
-                    status = None
-                self.run.probes.append((at, time.monotonic() - at, status))
+        self._thread.join(10)
+        for line in self._out.read_text().splitlines():
+            at, latency, status = line.split()
+            self.run.probes.append((float(at), float(latency), int(status) or None))
 
     def _metrics(self) -> None:
         with httpx.Client(base_url=self.url, timeout=10.0, trust_env=False) as http:

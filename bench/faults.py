@@ -58,7 +58,7 @@ class Stage:
         self.gateway = GatewayProcess(workdir, engine_url=engine.url, store_url=store_url, port=port)
         self.run = Run(t0=time.monotonic())
         self.clients = Clients(self.gateway.url, self.run, n=clients)
-        self.probes = Probes(self.gateway.url, self.run)
+        self.probes = Probes(self.gateway.url, self.run, workdir)
         self._restart: threading.Thread | None = None
 
     def __enter__(self) -> Stage:
@@ -227,6 +227,8 @@ def report(run: Run, clients: int = 16, **conditions: Any) -> dict[str, Any]:
         "streams_broken_off": sum(1 for o in run.outcomes if o.status == 200 and not o.completion_id),
         "spool_peak_bytes": int(run.spool_peak_bytes), "health_probes": len(run.probes),
         "health_max_latency_s": round(max((lat for _, lat, _ in run.probes), default=0.0), 3),
+        "health_slowest": [[round(at - run.t0, 1), round(lat, 3), status]
+                           for at, lat, status in sorted(run.probes, key=lambda p: -p[1])[:3]],
         "faults": [{k: round(v, 1) if isinstance(v, float) else v for k, v in f.items()} for f in faults],
         "problems": verify(run),
     }
