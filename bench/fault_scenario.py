@@ -17,8 +17,7 @@ The engine is vLLM under the same `EngineManager.supervise()` that `tunewheel se
 seconds without taking the engine with it. Each client sends short chats (half of them
 streamed) back to back and records what it got: an answer counts only when it arrived whole
 (the JSON body; a stream's `[DONE]`). A process of its own GETs /health every 0.25 s with a
-1 s timeout; a
-thread reads /metrics for the spool's size and the writes pending.
+1 s timeout; a thread reads /metrics for the spool's size and the writes pending.
 """
 
 from __future__ import annotations
