@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -334,22 +335,28 @@ class PostgresServer:
         if bindir is None:
             raise RuntimeError("no PostgreSQL binaries (/usr/lib/postgresql/*/bin)")
         self.server = _Server(bindir)
+        self.down = False
 
     def __enter__(self) -> PostgresServer:
         self.url = self.server.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.stop()
+        if self.down:  # a run that failed during the outage: nothing to stop
+            shutil.rmtree(self.server.dir, ignore_errors=True)
+        else:
+            self.server.stop()
 
     def begin(self) -> None:
         s = self.server
         s._run(str(s.bindir / "pg_ctl"), "-D", str(s.data), "-m", "fast", "-w", "stop")
+        self.down = True
 
     def end(self) -> None:
         s = self.server
         opts = f"-p {s.port} -k {s.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
         s._run(str(s.bindir / "pg_ctl"), "-D", str(s.data), "-l", str(s.dir / "server.log"), "-w", "-o", opts, "start")
+        self.down = False
 
 
 def logged_ids(store_url: str, ids: set[str]) -> set[str]:
