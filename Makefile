@@ -48,6 +48,7 @@ bench: install
 	$(PY) bench/curation.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/hotswap.py
+	$(PY) bench/faults.py
 
 # The common commands, without activating the venv.
 serve: install

@@ -30,7 +30,7 @@ _PG_MIGRATE_LOCK = zlib.crc32(b"tunewheel-migrate")  # pg_advisory_lock key
 def make_db(url: str) -> Engine:
     """An engine for `url` with the schema migrated to the newest revision.
 
-    SQLite: the parent folder is created, WAL journal, foreign keys on, a 5 s busy timeout, and
+    SQL parameters (prompts, answers) are hidden from errors and logs. SQLite: the parent folder is created, WAL journal, foreign keys on, a 5 s busy timeout, and
     the connection may be used from the writer's thread. Postgres: `postgresql://` means psycopg 3.
     """
     u = make_url(url)
@@ -39,7 +39,7 @@ def make_db(url: str) -> Engine:
     if u.get_backend_name() == "sqlite":
         engine = _sqlite_engine(u)
     else:
-        engine = create_engine(u, pool_pre_ping=True)
+        engine = create_engine(u, pool_pre_ping=True, hide_parameters=True)
     migrate(engine)
     return engine
 
@@ -48,7 +48,7 @@ def _sqlite_engine(u) -> Engine:
     memory = u.database in (None, "", ":memory:")
     if not memory and not u.database.startswith("file:"):
         Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 5}}
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 5}, "hide_parameters": True}
     if memory:  # one shared connection, or every session would see its own empty database
         kwargs["poolclass"] = StaticPool
     engine = create_engine(u, **kwargs)

@@ -56,6 +56,12 @@ ACTIVE_VERSION = Gauge("tunewheel_active_version_info", "1 for the version each 
 # --- turn log ---------------------------------------------------------------------------
 LOG_PENDING = Gauge("tunewheel_log_pending_writes", "Turns waiting to be written", multiprocess_mode="livesum")
 LOG_ERRORS = Counter("tunewheel_log_write_errors_total", "Turn-log write failures (each retried)")
+LOG_SPOOL_BYTES = Gauge("tunewheel_log_spool_bytes", "Bytes of answered turns in the spool, not yet in the database",
+                        multiprocess_mode="livesum")
+LOG_SPOOL_CAPACITY = Gauge("tunewheel_log_spool_capacity_bytes", "Spool bytes at which new chat requests get 503",
+                           multiprocess_mode="livesum")
+LOG_QUARANTINED = Counter("tunewheel_log_quarantined_turns_total",
+                          "Turns the database refused for their content, and unreadable spool records, kept in quarantine")
 
 # --- feedback ---------------------------------------------------------------------------
 FEEDBACK = Counter("tunewheel_feedback_total", "Ratings received", ["version", "rating"])

@@ -143,7 +143,8 @@ class ServeSettings(BaseModel):
         default_factory=lambda: {"chat": AliasSettings()},
         description="Served names. `base` and `chat@<version>` always exist besides these.",
     )
-    log_queue_size: int = Field(10_000, description="Turns waiting to be written before requests wait for the writer.")
+    log_queue_size: int = Field(10_000, description="Ignored, kept so older config files load: the turn log is bounded "
+                                "in bytes by store.spool.max_bytes.")
 
     @field_validator("api_keys", "admin_keys")
     @classmethod

@@ -17,8 +17,9 @@ and the limits in force (serve/gateway/openapi.py).
 (`store_url`, migrated) and the turn writer unless one was passed, one pooled
 `httpx.AsyncClient` for the app's lifetime and, with a registry, the hot-swap reconciler and
 the restyle step; it puts them together into one `GatewayState` (state.py), the only thing
-routes read. On shutdown it stops the reconciler and closes the writer, which writes every
-pending turn first. `converger(app)` is the learner's "make serving converge now" when it runs
+routes read. On shutdown it stops the reconciler and closes the writer, which writes pending
+turns to the database for up to `store.spool.drain_timeout_s`; the rest stays in the spool
+(feedback/spool.py) and the next start writes it first. `converger(app)` is the learner's "make serving converge now" when it runs
 in the gateway's process (`tunewheel serve --with-learner`).
 """
 
@@ -54,10 +55,25 @@ from serve.settings import Settings
 
 
 def make_writer(settings: Settings) -> TurnWriter:
-    """The turn writer on `settings.store_url` (migrated), its queue gauge and error counter wired."""
+    """The turn writer on `settings.store_url` (migrated) and its spool in the data dir (or
+    `store.spool.dir`), started, with the turn log's metrics wired."""
     db = make_db(settings.store_url)
-    return TurnWriter(db, max_queue=settings.serve.log_queue_size,
-                      on_pending=metrics.LOG_PENDING.set, on_error=metrics.LOG_ERRORS.inc).start()
+    spool = settings.store.spool
+    metrics.LOG_SPOOL_CAPACITY.set(spool.max_bytes)
+    return TurnWriter(db, spool.dir_for(settings.data_dir), max_spool_bytes=spool.max_bytes,
+                      segment_bytes=spool.segment_bytes, scrub=write_time_scrubber(settings.store),
+                      on_pending=metrics.LOG_PENDING.set, on_error=metrics.LOG_ERRORS.inc,
+                      on_quarantine=metrics.LOG_QUARANTINED.inc, on_spool_bytes=metrics.LOG_SPOOL_BYTES.set).start()
+
+
+def write_time_scrubber(store: Any) -> Callable[[Any], Any] | None:
+    """`feedback.pii.scrub_turn` when `store.scrub_at_write` is on: turns are scrubbed before
+    they are spooled, so no copy of them on disk holds what was scrubbed."""
+    if not getattr(store, "scrub_at_write", False):
+        return None
+    from feedback.pii import scrub_turn
+
+    return scrub_turn
 
 
 def create_app(settings: Settings, *, engine: Any = None, writer: TurnWriter | None = None, registry: Any = None,
@@ -117,7 +133,8 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
             engine = await stack.enter_async_context(attached_engine(settings))
         if writer is None:
             writer = await asyncio.to_thread(make_writer, settings)
-        stack.push_async_callback(asyncio.to_thread, writer.close)  # runs last: after in-flight streams logged
+        # Runs last, after in-flight streams are logged; bounded: what is left waits in the spool.
+        stack.push_async_callback(asyncio.to_thread, writer.close, settings.store.spool.drain_timeout_s)
         http = await stack.enter_async_context(httpx.AsyncClient(
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=256),
             timeout=httpx.Timeout(settings.serve.request_timeout_s, connect=5.0), trust_env=False))

@@ -16,7 +16,8 @@ usage so the log has token counts, but the usage chunk reaches the client only i
 it (`stream_options.include_usage`).
 
 Each accepted request becomes one turn (serve/gateway/relay.py), handed to the turn writer
-after the answer: a stream when it ends, with status `incomplete` and the partial answer when
+after the answer and on disk before the client gets its end (the whole JSON body; a stream's
+`[DONE]`): a stream when it ends, with status `incomplete` and the partial answer when
 the client left early, `error` when the engine broke off. Requests refused before an answer
 (unknown model, engine not ready, an engine error status) are not turns and write nothing.
 Non-streamed answers have no time to first token (`ttft_ms` None). A client that leaves before
@@ -101,13 +102,16 @@ class ChatService:
                                           "x-accel-buffering": "no"})
         data = await unless_client_leaves(self._whole(payload, flight), disconnected)
         if restyler is not None:
-            return await self.restyle.answer(flight, data, restyler=restyler, params=request.style_params,
-                                             stream=request.stream)
+            response = await self.restyle.answer(flight, data, restyler=restyler, params=request.style_params,
+                                                 stream=request.stream)
+            await self.recorder.durable(flight)  # a whole answer leaves only once its turn is on disk
+            return response
         choice = (data.get("choices") or [{}])[0]
         data["id"], data["model"] = flight.turn.id, flight.turn.alias
         self.recorder.finish(flight, answer=(choice.get("message") or {}).get("content"),
                              finish_reason=choice.get("finish_reason"), usage=data.get("usage") or {}, ttft=None,
                              status="ok")
+        await self.recorder.durable(flight)
         return JSONResponse(data, headers={"x-tunewheel-adapter": route.version})
 
     async def _route(self, model: str, conversation_id: str | None, caller: Caller) -> Route:
@@ -154,7 +158,7 @@ class ChatService:
         try:
             try:
                 response = await self.http.send(request, stream=bool(payload.get("stream")))
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # refused, reset: it died or restarts
                 raise not_ready(f"the engine is unreachable ({type(exc).__name__})") from exc
             except httpx.TimeoutException as exc:
                 raise APIError(504, "the engine did not answer in time (serve.request_timeout_s)", type="timeout",

@@ -8,9 +8,17 @@
 
 A request becomes a turn (`TurnCreate`) the moment it is accepted (`begin`): the version is
 leased and counted in flight. It ends exactly once: `finish` (answered; metrics, then the turn
-goes to the turn writer) or `refuse` (an engine error before any answer; metrics only).
+goes to the turn writer's spool) or `refuse` (an engine error before any answer; metrics only).
 Requests turned away before they were accepted (unknown model, engine not ready, unknown
-style) are counted by `rejected` and write nothing.
+style, the turn spool full) are counted by `rejected` and write nothing.
+
+No answer ends before its turn is on disk: `await recorder.durable(flight)` waits until the
+turn `finish` handed over is fsync'd in the spool (feedback/spool.py), before the whole body of
+a non-streamed answer is sent, and `Relay.done()` before a stream's final `[DONE]`; if the
+spool cannot take it, the client gets a 503 (or an error event) instead of the end. `finish`
+itself never waits, so it also runs when a request is cancelled. While the spool is full
+(`store.spool.max_bytes`: the database has been away a long time) `begin` answers 503 with
+Retry-After.
 
 A stream's `id` and `model` are ours in every chunk: the completion id the turn is stored under
 (what `POST /v1/feedback` takes) and the name the client asked for. `Relay.close()` logs what
@@ -19,6 +27,7 @@ was said so far, with status `incomplete` unless the engine finished, however th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -31,10 +40,7 @@ import anyio
 import httpx
 from fastapi.responses import StreamingResponse
 
-from feedback.models import utcnow
-# The turn record the writer takes. Once feedback/models.py has TurnCreate this line becomes
-# `from feedback.models import TurnCreate`; nothing else changes (same fields).
-from feedback.models import TurnCreate
+from feedback.models import TurnCreate, utcnow
 from serve.gateway.protocol import APIError, sampling_params
 from serve.metrics import COMPLETION_TOKENS, IN_FLIGHT, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT
 from serve.routing import Route
@@ -63,6 +69,11 @@ class InFlight:
     turn: TurnCreate
     route: Route
     started: float
+    spooled: asyncio.Future | None = None
+    """Set by `finish`: resolves once the turn is on disk in the spool."""
+
+
+SPOOL_FULL_RETRY_S = 30
 
 
 class TurnRecorder:
@@ -73,7 +84,13 @@ class TurnRecorder:
 
     def begin(self, route: Route, body: dict[str, Any], *, stream: bool, key_hash: str | None,
               conversation_id: str | None, style: str | None, started: float) -> InFlight:
-        """Accept a request: its turn (id = the completion id the client will see), counted in flight."""
+        """Accept a request: its turn (id = the completion id the client will see), counted in
+        flight; 503 while the turn spool is full."""
+        if self.writer.spool_full:
+            rejected(503, route)
+            raise APIError(503, "the turn log is full: the database has not taken answered turns for a while; "
+                           "retry later", type="service_unavailable", code="turn_log_full",
+                           headers={"Retry-After": str(SPOOL_FULL_RETRY_S)})
         turn = TurnCreate(id=f"chatcmpl-{uuid.uuid4().hex}", alias=route.model, adapter_version=route.version,
                           request_messages=body["messages"], params=sampling_params(body), stream=stream,
                           key_hash=key_hash, conversation_id=conversation_id, style=style)
@@ -88,7 +105,8 @@ class TurnRecorder:
 
     def finish(self, flight: InFlight, *, answer: str | None, finish_reason: str | None, usage: dict[str, Any],
                ttft: float | None, status: str) -> None:
-        """Metrics and the turn log for one answered request; synchronous, so it runs even on cancellation."""
+        """Metrics and the turn log for one answered request; never waits, so it runs even on
+        cancellation. `durable(flight)` then waits until the turn is on disk."""
         latency = time.perf_counter() - flight.started
         self._end(flight)
         alias, version = flight.route.model, flight.route.version
@@ -106,9 +124,25 @@ class TurnRecorder:
         turn.latency_ms, turn.ttft_ms = 1000 * latency, None if ttft is None else 1000 * ttft
         turn.created_at = utcnow()  # a turn is dated when its answer is complete, as it always was
         try:
-            self.writer.submit(turn)
-        except RuntimeError:  # a stream cut off by a forced shutdown, after the writer closed
+            flight.spooled = asyncio.wrap_future(self.writer.submit(turn))
+        except RuntimeError as exc:  # a stream cut off by a forced shutdown, after the writer closed
             log.error("turn %s answered after the turn writer closed; not logged", turn.id)
+            flight.spooled = asyncio.get_running_loop().create_future()
+            flight.spooled.set_exception(exc)
+        flight.spooled.add_done_callback(_retrieve)
+
+    async def durable(self, flight: InFlight) -> None:
+        """Wait until the turn `finish` handed over is on disk (at once when none was handed over
+        yet); 503 with Retry-After when it cannot be stored, so the client never gets an answer
+        the log lost."""
+        if flight.spooled is None:
+            return
+        try:
+            await asyncio.shield(flight.spooled)
+        except (OSError, RuntimeError) as exc:
+            raise APIError(503, f"the answer could not be logged ({exc}); retry in a moment",
+                           type="service_unavailable", code="turn_log_unavailable",
+                           headers={"Retry-After": "10"}) from exc
 
     @staticmethod
     def _end(flight: InFlight) -> None:
@@ -158,7 +192,7 @@ class Relay:
                 if data == "[DONE]":
                     if self.status == "incomplete":
                         self.status = "ok"
-                    yield b"data: [DONE]\n\n"
+                    yield await self.done()
                     break
                 out = self.relabel(json.loads(data))
                 if out is not None:
@@ -194,6 +228,16 @@ class Relay:
                 self.finish_reason = choice["finish_reason"]
         return chunk
 
+    async def done(self) -> bytes:
+        """The stream's last event, sent only once the turn is on disk: `[DONE]`, or an error
+        event when the turn cannot be logged."""
+        await self.close()
+        try:
+            await self.recorder.durable(self.flight)
+        except APIError as exc:
+            return sse(exc.body())
+        return b"data: [DONE]\n\n"
+
     async def close(self) -> None:
         if self.closed:
             return
@@ -202,3 +246,9 @@ class Relay:
                              usage=self.usage, ttft=self.ttft, status=self.status)
         with anyio.CancelScope(shield=True):
             await self.upstream.aclose()
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """A spool failure nobody awaited (a client that left) is logged, not left unretrieved."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("a turn could not be spooled: %s", fut.exception())

@@ -199,7 +199,7 @@ class StyledRelay(Relay):
                     yield sse(out)
                 chunk = await anext(self.upstream, None)
             self.status = "ok"
-            yield b"data: [DONE]\n\n"
+            yield await self.done()  # [DONE] only once the turn is on disk
         except (RestyleFailed, httpx.HTTPError) as exc:
             self.status = "error"
             yield sse(APIError(502, f"the restyler broke off: {exc}", type="restyle_error", code="restyle_failed").body())

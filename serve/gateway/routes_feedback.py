@@ -6,7 +6,8 @@
          -d '{"completion_id":"chatcmpl-...","rating":"up"}'
 
 A rating may arrive right after its answer, before the turn writer has stored the turn, so it
-waits for that turn (up to FEEDBACK_WAIT_S). Unknown id: 404. A completion answered for
+waits for that turn (up to FEEDBACK_WAIT_S); a turn still in the spool after that (the database
+is slow or down) gets 503 with Retry-After. Unknown id: 404. A completion answered for
 another API key: 403, unless the caller holds an admin key. The key needs the `feedback`
 scope. The body is read like every body (serve/gateway/protocol.py: JSON only, strict, no NUL
 characters: 422 naming the field, and nothing is written); each completion keeps at most
@@ -51,7 +52,10 @@ async def feedback(request: Request, gateway: GatewayDep, caller: FeedbackCaller
         rating = FeedbackCreate.model_validate(body, strict=True)  # as the document says: no coercion
     except ValidationError as exc:
         raise validation_error(exc) from exc
-    await gateway.writer.wait_written(rating.completion_id, FEEDBACK_WAIT_S)
+    if not await gateway.writer.wait_written(rating.completion_id, FEEDBACK_WAIT_S):
+        raise APIError(503, "this completion is answered but not in the turn log's database yet (it is slow or "
+                       "down; the turn is safe in the spool); retry shortly", type="service_unavailable",
+                       code="turn_not_written_yet", headers={"Retry-After": "5"})
     try:
         record, version = await asyncio.to_thread(store_rating, gateway.db, rating, caller,
                                                   serve.limits.max_feedback_per_completion)
