@@ -1,7 +1,7 @@
 """`tunewheel data ...`: curated training data out of the turn log, dataset checks, CoQA.
 
     tunewheel data export --out curated.jsonl          # up-rated answers as chat JSONL
-    tunewheel data check curated.jsonl [--max-tokens 384]
+    tunewheel data check curated.jsonl [--max-tokens 384] [--format auto|chat|kto|dpo]
     tunewheel data curate [--since 2025-01-01]         # a versioned snapshot; prints its manifest
     tunewheel data import-coqa coqa-dev-v1.0.json [--out-dir DIR] [--on-error skip|fail]
     tunewheel data synth-coqa --stories 100 --seed 0 [--variant A|B] [--out train.json]
@@ -76,21 +76,25 @@ def check(
     file: Annotated[Path, typer.Argument(help="Chat JSONL file.")],
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Token limit per example; default learn.train.max_length; 0: off.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="chat (SFT), kto (preference rows), dpo (preference pairs), "
+                                     "or auto: told by the first line's keys.")] = "auto",
     config: ConfigOption = None,
 ) -> None:
-    """Validate a chat JSONL file as fine-tuning APIs do; exit 1 when any line is bad."""
-    from feedback.check import check_file
+    """Validate a chat JSONL, KTO or DPO file as fine-tuning APIs do; exit 1 when any line is bad."""
+    from feedback.check import FORMATS, check_file, detect_format
 
     settings = load(ctx, config)
     if not file.is_file():
         fail(f"{file} does not exist")
+    if fmt not in ("auto", *FORMATS):
+        fail(f"--format must be auto or one of {', '.join(FORMATS)}")
     limit = settings.curation(max_tokens).max_tokens
     try:
         counter = _token_counter(settings.base_model_path(), limit)
     except FileNotFoundError as exc:
         typer.echo(f"warning: token limit not checked: {exc}", err=True)
         counter = None
-    report = check_file(file, max_tokens=limit, count_tokens=counter)
+    report = check_file(file, max_tokens=limit, count_tokens=counter, fmt=detect_format(file) if fmt == "auto" else fmt)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
