@@ -3,6 +3,7 @@
     tunewheel data export --out curated.jsonl          # up-rated answers as chat JSONL
     tunewheel data check curated.jsonl [--max-tokens 384] [--format auto|chat|kto|dpo]
     tunewheel data curate [--since 2025-01-01]         # a versioned snapshot; prints its manifest
+    tunewheel data forget --key <sha256 hex> | --conversation <id> [--dry-run]
     tunewheel data import-coqa coqa-dev-v1.0.json [--out-dir DIR] [--on-error skip|fail]
     tunewheel data synth-coqa --stories 100 --seed 0 [--variant A|B] [--out train.json]
 
@@ -128,6 +129,33 @@ def curate_command(
     typer.echo(f"snapshot {snap.version} at {snap.path}", err=True)
     if "message" in snap.manifest:
         typer.echo(snap.manifest["message"], err=True)
+
+
+@app.command("forget")
+def forget_command(
+    ctx: typer.Context,
+    key: Annotated[Optional[str], typer.Option("--key", help="An API key's sha256 hex, as in serve.api_keys: everything it left.")] = None,
+    conversation: Annotated[Optional[str], typer.Option("--conversation", help="A conversation id: its turns, ratings, corrections.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be deleted; delete nothing.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Delete the turns, ratings and corrections of one key or conversation, and the data of the
+    snapshots that held them; a deletion record (counts and hashes, no content) is kept."""
+    from feedback.db import make_db
+    from feedback.forget import forget
+
+    settings = load(ctx, config)
+    if (key is None) == (conversation is None):
+        fail("give exactly one of --key <sha256 hex> or --conversation <id>")
+    if key is not None and (len(key) != 64 or any(c not in "0123456789abcdef" for c in key)):
+        fail("--key takes the key's sha256 hex, as in serve.api_keys "
+             "(python -c 'from serve.settings import hash_key; print(hash_key(\"KEY\"))')")
+    result = forget(make_db(settings.store_url), key_hash=key, conversation_id=conversation, dry_run=dry_run,
+                    snapshots=settings.datasets_dir / "snapshots", requested_by="cli")
+    typer.echo(result.describe())
+    if result.snapshots and not dry_run:
+        typer.echo("adapter versions trained on those snapshots still serve what they learnt: `tunewheel adapters list` "
+                   "marks them; retrain (`tunewheel learn run`) and promote a new version", err=True)
 
 
 @app.command("import-coqa")

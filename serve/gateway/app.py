@@ -6,7 +6,7 @@
     POST /v1/chat/completions   GET /v1/models             routes_chat.py
     POST /v1/feedback                                      routes_feedback.py
     GET  /health  /ready  /metrics                         routes_health.py
-    /admin/...                  admin key only             routes_admin.py
+    /admin/...                  admin key only             routes_admin.py, routes_forget.py
 
 `create_app` builds nothing that does I/O. The lifespan (`serving`) opens the database
 (`store_url`, migrated) and the turn writer unless one was passed, one pooled
@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from feedback.db import make_db
 from feedback.writer import TurnWriter
 from serve import metrics
-from serve.gateway import routes_admin, routes_chat, routes_feedback, routes_health
+from serve.gateway import routes_admin, routes_chat, routes_feedback, routes_forget, routes_health
 from serve.gateway.auth import Auth
 from serve.gateway.chat import ChatService
 from serve.gateway.protocol import APIError
@@ -70,7 +70,7 @@ def create_app(settings: Settings, *, engine: Any = None, writer: TurnWriter | N
 
     app = FastAPI(title="tunewheel gateway", version="0.1.0", lifespan=lifespan)
     app.add_exception_handler(APIError, _api_error)
-    for module in (routes_chat, routes_feedback, routes_health, routes_admin):
+    for module in (routes_chat, routes_feedback, routes_health, routes_admin, routes_forget):
         app.include_router(module.router)
     return app
 
