@@ -88,3 +88,21 @@ async def test_admin_forget_deletes_a_conversation_and_names_the_adapters_traine
     with Session(gw.db) as s:
         assert s.get(Turn, forgotten) is None and s.get(Turn, kept) is not None
         assert len(s.exec(select(Deletion)).all()) == 1
+
+
+def test_the_readmes_sdk_feedback_call_works(tmp_path, fake_engine_url):
+    """What the README shows an OpenAI SDK user: chat, then POST /v1/feedback through the
+    client's own `post` (the SDK's way to a route it has no method for)."""
+    import httpx
+
+    from tests.fixtures.gateway import start_gateway
+
+    gw = start_gateway(tmp_path, fake_engine_url, registry=False)
+    try:
+        client = gw.client()
+        r = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Capital of France?"}])
+        fb = client.post("/feedback", cast_to=httpx.Response,
+                         body={"completion_id": r.id, "rating": "down", "correction": "Paris."})
+        assert fb.status_code == 201 and fb.json()["correction"] == "Paris."
+    finally:
+        gw.stop()
