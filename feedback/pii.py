@@ -118,13 +118,15 @@ def find(text: str) -> list[tuple[int, int, str]]:
             phone = recs["phone"]
             found += [(m.start() + r.start, m.start() + r.end, r.entity_type, r.score)
                       for r in phone.analyze(m.group(), phone.supported_entities, None) if r.score >= MIN_SCORE]
-    return _without_overlaps(found)
+    return _without_overlaps(found, text)
 
 
-def _without_overlaps(found: list[tuple[int, int, str, float]]) -> list[tuple[int, int, str]]:
-    """The best find where several overlap: the highest score, then the longest."""
+def _without_overlaps(found: list[tuple[int, int, str, float]], text: str) -> list[tuple[int, int, str]]:
+    """The best find where several overlap: the highest score, then the longest. A find inside a
+    longer word or number (an 11-digit id pattern in a 13-digit order number) is not one."""
     kept: list[tuple[int, int, str, float]] = []
-    for f in sorted(found, key=lambda f: (-f[3], f[0] - f[1], f[0])):
+    whole = [f for f in found if not (f[0] > 0 and text[f[0] - 1].isalnum()) and not (f[1] < len(text) and text[f[1]].isalnum())]
+    for f in sorted(whole, key=lambda f: (-f[3], f[0] - f[1], f[0])):
         if all(f[1] <= k[0] or f[0] >= k[1] for k in kept):
             kept.append(f)
     return [(s, e, kind) for s, e, kind, _ in sorted(kept)]
