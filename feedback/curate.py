@@ -243,7 +243,7 @@ class _Run:
             self.counts.conversations += 1
             cid = get(turns[0], "conversation_id")
             keys = {get(t, "key_hash") for t in turns}
-            key = keys.pop() if len(keys) == 1 else _MIXED
+            key = next(iter(keys)) if len(keys) == 1 else _MIXED
             held = self.split.held(cid, key)
             self.counts.heldout_split["untrusted_key_conversations"] += bool(self.split.trusted_keys) and key not in self.split.trusted_keys
             memo = Memo(self.pii, self.config.pii_scrub)
@@ -256,7 +256,7 @@ class _Run:
                 if not held:
                     yield from (((kind, False, origin), row) for kind, row in self._preferences(turn, memo))
             if held:
-                yield from self._item(turns, memo, cid, key)
+                yield from self._item(turns, memo, tuple(Origin(conversation_digest(cid), key_digest(k)) for k in sorted(keys, key=str)))
 
     def _example(self, turn: Any, memo: Memo) -> dict | None:
         example = sft_example(turn)
@@ -308,13 +308,13 @@ class _Run:
             return True
         return False
 
-    def _item(self, turns: list[Any], memo: Memo, cid: str, key: str | None) -> Iterator[tuple[tuple, dict]]:
+    def _item(self, turns: list[Any], memo: Memo, origins: tuple[Origin, ...]) -> Iterator[tuple[tuple, dict]]:
         split = self.counts.heldout_split
         split["conversations"] += 1
         item, dropped = heldout_item(turns, scrub=memo.text)
         split["turns_without_gold"] += dropped
         if item is not None:
-            yield ("item", True, (Origin(conversation_digest(cid), key_digest(key if key != _MIXED else None)),)), item
+            yield ("item", True, origins), item
 
     def too_long(self, key: tuple, _tokens: int) -> None:
         kind = key[0]
