@@ -119,3 +119,18 @@ def test_forget_needs_exactly_one_target(tmp_path, db):
         forget(db, snapshots=tmp_path)
     result = CliRunner().invoke(tunewheel_app, ["data", "forget", "--key", "alice"])
     assert result.exit_code == 1 and "sha256 hex" in result.output
+
+
+@pytest.mark.postgres
+def test_postgres_forgets_and_keeps_its_secret(pg_fresh_url, tmp_path):
+    from feedback.queries import store_secret
+
+    db = make_db(pg_fresh_url)
+    fill(db)
+    assert store_secret(db, "heldout_salt") == store_secret(db, "heldout_salt")
+    result = forget(db, conversation_id="c-forget", snapshots=tmp_path)
+    assert (result.deletion.turns, result.deletion.ratings, result.deletion.corrections) == (2, 2, 1)
+    forget(db, key_hash=BOB, snapshots=tmp_path)
+    with Session(db) as s:
+        assert s.exec(select(Turn)).all() == [] and len(s.exec(select(Deletion)).all()) == 2
+    db.dispose()
