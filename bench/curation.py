@@ -5,7 +5,7 @@
 
 Each log is generated into its own SQLite file (bulk insert through the store's migrated
 schema): conversations about synthetic CoQA stories, each request holding the whole history,
-~35% of turns rated up, ~10% down (a third of those with the gold answer as a correction),
+~35% of turns rated up, ~10% down (a third of those with a correction),
 some incomplete, empty, duplicated or carrying e-mail addresses, spread over five API keys.
 Curation (the real pipeline: store stream -> PII scrubbing -> filters -> the base model's
 tokenizer -> snapshot folder with SFT, KTO and DPO files) runs in a fresh child process per
@@ -73,7 +73,8 @@ def generate_log(url: str, turns: int, seed: int = 0) -> int:
                 history.append({"role": "user", "content": question})
                 r = rng.random()
                 rating = "up" if r < 0.35 else "down" if r < 0.45 else None
-                correction = record["answers"][seq]["input_text"] if rating == "down" and extra.random() < 1 / 3 else None
+                gold = record["answers"][seq]["input_text"]
+                correction = f"The answer is: {gold}" if rating == "down" and extra.random() < 1 / 3 else None
                 rows.append({"id": f"cmpl-{n:08d}", "conversation_id": cid, "seq": seq, "created_at": at + timedelta(milliseconds=seq),
                              "alias": "chat", "adapter_version": "base", "request_messages": list(history), "answer": answer,
                              "params": {}, "status": "incomplete" if rng.random() < 0.02 else "ok", "stream": False,
