@@ -1,6 +1,6 @@
 """`tunewheel data ...`: curated training data out of the turn log, dataset checks, CoQA.
 
-    tunewheel data export --out curated.jsonl          # up-rated answers as chat JSONL
+    tunewheel data export --out curated.jsonl          # up-rated answers and corrections as chat JSONL
     tunewheel data check curated.jsonl [--max-tokens 384] [--format auto|chat|kto|dpo]
     tunewheel data curate [--since 2025-01-01]         # a versioned snapshot; prints its manifest
     tunewheel data forget --key <sha256 hex> | --conversation <id> [--dry-run]
@@ -52,7 +52,7 @@ def export(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Drop longer examples; default learn.train.max_length; 0: no limit.")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Curated chat JSONL of the store: each up-rated answer as the target after its conversation."""
+    """Curated chat JSONL of the store: each up-rated answer or correction as the target after its conversation."""
     from feedback.db import make_db
     from feedback.queries import iter_log
     from feedback.snapshot import export_jsonl
@@ -65,10 +65,10 @@ def export(
         fail(str(exc))
     counts = export_jsonl(iter_log(make_db(settings.store_url), since=since, until=until), out, config=cfg, count_tokens=counter)
     removed = ", ".join(f"{k} {v}" for k, v in counts.removed.items() if v) or "none"
-    typer.echo(f"{out}: {counts.train} example(s) from {counts.turns} turns "
-               f"({counts.rated_up} up, {counts.rated_down} down, {counts.unrated} unrated); removed: {removed}")
+    typer.echo(f"{out}: {counts.train} example(s) from {counts.turns} turns ({counts.rated_up} up, {counts.rated_down} down, "
+               f"{counts.corrected} corrected, {counts.unrated} unrated); removed: {removed}")
     if counts.train == 0:
-        typer.echo("no up-rated, completed turns in the log: the file is empty", err=True)
+        typer.echo("no up-rated or corrected, completed turns in the log: the file is empty", err=True)
 
 
 @app.command("check")
