@@ -21,7 +21,10 @@ runs of at least PHONE_MIN_DIGITS digits. bench/curation.py measures what it cos
 Importing presidio imports spaCy, and, through optional paths, torch and transformers (about
 10 s); `recognizers()` imports it on first use with those optional paths blocked (presidio
 and thinc fall back as they do when the packages are absent), so a process that never
-imported torch does not start to, and the import takes a few seconds once per process.
+imported torch does not start to, and the import takes a few seconds once per process. While
+it runs, another thread's first `import torch` would fail: a process that imports torch or
+transformers on other threads (a gateway with the learner in it) calls `recognizers()` at
+start-up, before those threads do.
 """
 
 from __future__ import annotations
