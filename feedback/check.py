@@ -118,10 +118,13 @@ def _answer_problems(answer: object, name: str) -> list[str]:
     return []
 
 
-def validate_row(obj: dict, fmt: str) -> list[str]:
-    """Every problem of one parsed line of format `fmt` (chat, kto or dpo), its `meta` included."""
+def validate_row(obj: dict, fmt: str, *, prompt_checked: bool = False) -> list[str]:
+    """Every problem of one parsed line of format `fmt` (chat, kto or dpo), its `meta` included
+    (`prompt_checked`: the caller already validated this preference row's prompt)."""
     if fmt == "chat":
         problems = ["missing `messages`"] if "messages" not in obj else validate_messages(obj["messages"])
+    elif prompt_checked:
+        problems = []
     else:
         problems = ["missing `prompt`"] if "prompt" not in obj else validate_prompt(obj["prompt"])
         answers = ("completion",) if fmt == "kto" else ("chosen", "rejected")

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from feedback.check import TokenCounter, token_sequences, validate_messages, validate_row, within_limit
+from feedback.check import TokenCounter, token_sequences, validate_messages, validate_prompt, validate_row, within_limit
 from feedback.conversations import text_of
 from feedback.dedup import DiskSet, Memo, Origin, PairIndex, exact_key, normalize_text, row_key
 from feedback.heldout import Split, correction_of, get, gold_answer, heldout_item, item_messages, target_answer
@@ -234,6 +234,7 @@ class _Run:
         self.split = Split(config.heldout_fraction, config.heldout_salt, frozenset(config.trusted_keys))
         self.seen = {name: DiskSet(db, name) for name in ("exact", "normalized", "kto", "dpo")}
         self.sources = DiskSet(db, "sources")
+        self.recent_sources: set[str] = set()  # spares the database the same conversation's rows again and again
         self.pairs = PairIndex(db)
         self.pii: Counter = Counter()
         self.window: list = [None, None]
@@ -280,27 +281,30 @@ class _Run:
 
     def _preferences(self, turn: Any, memo: Memo) -> Iterator[tuple[str, dict]]:
         """The turn's KTO rows and correction pair that pass the filters; its answer is indexed for pairs."""
-        for row in preference_rows(turn):
-            if self.keep("kto", row, memo):
+        rows = preference_rows(turn)
+        prompt_ok = not rows or not validate_prompt(rows[0]["prompt"])  # one prompt for all of them
+        for row in rows:
+            if self.keep("kto", row, memo, prompt_ok):
                 yield "kto", row
         pair = correction_pair(turn)
         if pair is None and correction_of(turn) is not None and get(turn, "status", "ok") == "ok":
             self.counts.removed_pairs["correction_same_as_answer"] += 1
-        if pair is not None and self.keep("dpo", pair, memo):
+        if pair is not None and self.keep("dpo", pair, memo, prompt_ok and bool(rows)):
             yield "dpo", pair
         answer = target_answer(turn)
         if get(turn, "rating") in ("up", "down") and get(turn, "status", "ok") == "ok" and answer.strip():
             origin = Origin(conversation_digest(get(turn, "conversation_id")), key_digest(get(turn, "key_hash")))
             self.pairs.add(memo.scrub(prompt_of(turn)), memo.text(answer), label=get(turn, "rating") == "up", origin=origin)
 
-    def keep(self, kind: str, row: dict, memo: Memo | None) -> bool:
-        """Scrub a preference row in place (with `memo`); False, counted, when a filter drops it."""
+    def keep(self, kind: str, row: dict, memo: Memo | None, prompt_ok: bool = False) -> bool:
+        """Scrub a preference row in place (with `memo`); False, counted, when a filter drops it
+        (`prompt_ok`: its prompt is known to be valid)."""
         if memo is not None:
             for name in ("prompt", "completion", "chosen", "rejected"):
                 if name in row:
                     row[name] = memo.scrub(row[name])
         removed = self.counts.removed_preferences if kind == "kto" else self.counts.removed_pairs
-        if validate_row(row, kind):
+        if validate_row(row, kind, prompt_checked=prompt_ok):
             removed["invalid"] += 1
         elif not self.seen[kind].add(row_key(kind, row)):
             removed["exact_duplicate"] += 1
@@ -340,9 +344,12 @@ class _Run:
             c.sources[name][row["meta"]["source"]] += 1
             {"sft": self.sinks.train, "kto": self.sinks.preference, "dpo": self.sinks.pair}[kind](row)
         for origin in origins:
-            self.sources.add(f"conversation:{origin.conversation}")
-            if origin.key:
-                self.sources.add(f"key:{origin.key}")
+            for entry in (f"conversation:{origin.conversation}", f"key:{origin.key}" if origin.key else None):
+                if entry and entry not in self.recent_sources:
+                    if len(self.recent_sources) > 10_000:
+                        self.recent_sources.clear()
+                    self.recent_sources.add(entry)
+                    self.sources.add(entry)
 
     def pair_rows(self) -> Iterator[tuple[tuple, dict]]:
         """Pairs of rated answers to one prompt that pass the filters (after every turn is read)."""

@@ -114,17 +114,23 @@ class Memo:
         self.normalized: dict[str, str] = {}
 
     def text(self, text: str) -> str:
-        """`text` scrubbed (when scrubbing is on)."""
-        if not self.scrub_on or not _MAYBE_PII.search(text):
+        """`text` scrubbed (when scrubbing is on); the very same object when nothing was found."""
+        if not self.scrub_on:
             return text
         hit = self.scrubbed.get(text)
         if hit is None:
-            hit = self.scrubbed[text] = scrub_text(text, self.pii)
-        return hit
+            hit = self.scrubbed[text] = scrub_text(text, self.pii) if _MAYBE_PII.search(text) else text
+        return text if hit == text else hit
 
     def scrub(self, messages: list[dict]) -> list[dict]:
-        """Messages with their contents scrubbed (other fields kept)."""
-        return [{**m, "content": self.text(m["content"])} for m in messages] if self.scrub_on else messages
+        """Messages with their contents scrubbed (other fields kept); the same list when nothing changed."""
+        out = None
+        for i, m in enumerate(messages):
+            text = self.text(m["content"])
+            if text is not m["content"]:
+                out = out if out is not None else list(messages)
+                out[i] = {**m, "content": text}
+        return messages if out is None else out
 
     def normalized_key(self, messages: list[dict]) -> bytes:
         out = []

@@ -34,8 +34,11 @@ STORY_PREFIX = SYSTEM_PROMPT.split("{story}")[0]
 
 
 def get(row: Any, name: str, default: Any = None) -> Any:
-    """A field of a Turn or of a plain dict row."""
-    return row.get(name, default) if isinstance(row, dict) else getattr(row, name, default)
+    """A field of a plain dict row (curation's input, feedback/queries.py `iter_log`) or of a Turn."""
+    try:
+        return row.get(name, default)
+    except AttributeError:
+        return getattr(row, name, default)
 
 
 def target_answer(turn: Any) -> str:
