@@ -246,7 +246,8 @@ class _Run:
             keys = {get(t, "key_hash") for t in turns}
             key = next(iter(keys)) if len(keys) == 1 else _MIXED
             held = self.split.held(cid, key)
-            self.counts.heldout_split["untrusted_key_conversations"] += bool(self.split.trusted_keys) and key not in self.split.trusted_keys
+            if self.split.trusted_keys and key not in self.split.trusted_keys:
+                self.counts.heldout_split["untrusted_key_conversations"] += 1
             memo = Memo(self.pii, self.config.pii_scrub)
             for turn in turns:
                 self.counts.count_turn(turn, self.window)
@@ -257,7 +258,8 @@ class _Run:
                 if not held:
                     yield from (((kind, False, origin), row) for kind, row in self._preferences(turn, memo))
             if held:
-                yield from self._item(turns, memo, tuple(Origin(conversation_digest(cid), key_digest(k)) for k in sorted(keys, key=str)))
+                origins = tuple(Origin(conversation_digest(cid), key_digest(k)) for k in sorted(keys, key=str))
+                yield from self._item(turns, memo, origins)
 
     def _example(self, turn: Any, memo: Memo) -> dict | None:
         example = sft_example(turn)
