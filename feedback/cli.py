@@ -1,8 +1,9 @@
 """`tunewheel data ...`: curated training data out of the turn log, dataset checks, CoQA.
 
-    tunewheel data export --out curated.jsonl          # up-rated answers as chat JSONL
-    tunewheel data check curated.jsonl [--max-tokens 384]
+    tunewheel data export --out curated.jsonl          # up-rated answers and corrections as chat JSONL
+    tunewheel data check curated.jsonl [--max-tokens 384] [--format auto|chat|kto|dpo]
     tunewheel data curate [--since 2025-01-01]         # a versioned snapshot; prints its manifest
+    tunewheel data forget --key <sha256 hex> | --conversation <id> [--dry-run]
     tunewheel data import-coqa coqa-dev-v1.0.json [--out-dir DIR] [--on-error skip|fail]
     tunewheel data synth-coqa --stories 100 --seed 0 [--variant A|B] [--out train.json]
 
@@ -51,7 +52,7 @@ def export(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Drop longer examples; default learn.train.max_length; 0: no limit.")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Curated chat JSONL of the store: each up-rated answer as the target after its conversation.
+    """Curated chat JSONL of the store: each up-rated answer or correction as the target after its conversation.
 
     Only the last assistant message of an example is trained on; the earlier assistant turns are
     context and carry `"weight": 0` (the OpenAI fine-tuning format's "do not train on this").
@@ -68,12 +69,12 @@ def export(
         fail(str(exc))
     counts = export_jsonl(iter_log(make_db(settings.store_url), since=since, until=until), out, config=cfg, count_tokens=counter)
     removed = ", ".join(f"{k} {v}" for k, v in counts.removed.items() if v) or "none"
-    # the four counts add up to the turns: every turn is unrated, rated but unfinished, up or down
+    # every turn is unrated, rated but unfinished, up or down; corrections may come with any rating
     typer.echo(f"{out}: {counts.train} example(s) from {counts.turns} turns ({counts.rated_up} rated up, "
                f"{counts.rated_down} rated down, {counts.rated_not_ok} rated but incomplete or failed, "
-               f"{counts.unrated} unrated); removed: {removed}")
+               f"{counts.unrated} unrated, {counts.corrected} corrected); removed: {removed}")
     if counts.train == 0:
-        typer.echo("no up-rated, completed turns in the log: the file is empty", err=True)
+        typer.echo("no up-rated or corrected, completed turns in the log: the file is empty", err=True)
 
 
 @app.command("check")
@@ -82,21 +83,25 @@ def check(
     file: Annotated[Path, typer.Argument(help="Chat JSONL file.")],
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Token limit per example; default learn.train.max_length; 0: off.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="chat (SFT), kto (preference rows), dpo (preference pairs), "
+                                     "or auto: told by the first line's keys.")] = "auto",
     config: ConfigOption = None,
 ) -> None:
-    """Validate a chat JSONL file as fine-tuning APIs do; exit 1 when any line is bad."""
-    from feedback.check import check_file
+    """Validate a chat JSONL, KTO or DPO file as fine-tuning APIs do; exit 1 when any line is bad."""
+    from feedback.check import FORMATS, check_file, detect_format
 
     settings = load(ctx, config)
     if not file.is_file():
         fail(f"{file} does not exist")
+    if fmt not in ("auto", *FORMATS):
+        fail(f"--format must be auto or one of {', '.join(FORMATS)}")
     limit = settings.curation(max_tokens).max_tokens
     try:
         counter = _token_counter(settings.base_model_path(), limit)
     except FileNotFoundError as exc:
         typer.echo(f"warning: token limit not checked: {exc}", err=True)
         counter = None
-    report = check_file(file, max_tokens=limit, count_tokens=counter)
+    report = check_file(file, max_tokens=limit, count_tokens=counter, fmt=detect_format(file) if fmt == "auto" else fmt)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -130,6 +135,33 @@ def curate_command(
     typer.echo(f"snapshot {snap.version} at {snap.path}", err=True)
     if "message" in snap.manifest:
         typer.echo(snap.manifest["message"], err=True)
+
+
+@app.command("forget")
+def forget_command(
+    ctx: typer.Context,
+    key: Annotated[Optional[str], typer.Option("--key", help="An API key's sha256 hex, as in serve.api_keys: everything it left.")] = None,
+    conversation: Annotated[Optional[str], typer.Option("--conversation", help="A conversation id: its turns, ratings, corrections.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be deleted; delete nothing.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Delete the turns, ratings and corrections of one key or conversation, and the data of the
+    snapshots that held them; a deletion record (counts and hashes, no content) is kept."""
+    from feedback.db import make_db
+    from feedback.forget import forget
+
+    settings = load(ctx, config)
+    if (key is None) == (conversation is None):
+        fail("give exactly one of --key <sha256 hex> or --conversation <id>")
+    if key is not None and (len(key) != 64 or any(c not in "0123456789abcdef" for c in key)):
+        fail("--key takes the key's sha256 hex, as in serve.api_keys "
+             "(python -c 'from serve.settings import hash_key; print(hash_key(\"KEY\"))')")
+    result = forget(make_db(settings.store_url), key_hash=key, conversation_id=conversation, dry_run=dry_run,
+                    snapshots=settings.datasets_dir / "snapshots", requested_by="cli")
+    typer.echo(result.describe())
+    if result.snapshots and not dry_run:
+        typer.echo("adapter versions trained on those snapshots still serve what they learnt: `tunewheel adapters list` "
+                   "marks them; retrain (`tunewheel learn run`) and promote a new version", err=True)
 
 
 @app.command("import-coqa")

@@ -8,8 +8,10 @@ A turn's `thread_hash` is the hash of its request messages plus its answer. A cl
 continues a conversation sends those messages again followed by the new question, so the new
 request's messages up to its last assistant message hash to the earlier turn's `thread_hash`.
 A client may instead name its conversation with the `x-conversation-id` header, which wins.
-Threads are only joined between turns of the same API key, so one user never lands in another's
-conversation by repeating the same words. `seq` is the number of turns the conversation already
+Both ways stay within the caller's API key: threads are only joined between turns of the same
+key, and a conversation id that another key already owns (a foreign id) starts a conversation
+of the caller's own under an id derived from its key and the id it sent, so one key can never
+write into another key's conversation, by repeating its words or by naming its id. `seq` is the number of turns the conversation already
 had; two gateway replicas writing to one conversation at the same instant may give two turns the
 same seq, which readers order by created_at.
 """
@@ -51,13 +53,26 @@ def _prefix_hash(messages: list[dict[str, Any]]) -> str | None:
     return None if last is None else thread_hash(messages[: last + 1])
 
 
+def client_conversation_id(session: Session, client_id: str, key_hash: str | None) -> str:
+    """The stored id of the conversation a client names with `x-conversation-id`: its own id
+    (hashed when longer than the column's 64 characters) unless another key owns a conversation
+    under it; then an id derived from the caller's key and the id, the same for every later turn."""
+    cid = client_id if len(client_id) <= 64 else hashlib.sha256(client_id.encode()).hexdigest()
+    for attempt in range(100):  # a derived id someone else took on purpose: derive again
+        owner = session.get(Conversation, cid)
+        if owner is None or owner.key_hash == key_hash:
+            return cid
+        if attempt == 0:
+            log.info("x-conversation-id %s belongs to another key: the caller's turn starts its own conversation", cid)
+        cid = hashlib.sha256(f"{key_hash or ''}\x1f{client_id}\x1f{attempt}".encode()).hexdigest()
+    raise RuntimeError(f"no free conversation id derived from {client_id!r}")
+
+
 def conversation_for(session: Session, turn: TurnCreate) -> str:
     """The id of `turn`'s conversation: the client's, the one its messages continue, or a new one
     (added to `session`)."""
     if turn.conversation_id:
-        cid = turn.conversation_id
-        if len(cid) > 64:  # the column holds 64 characters; a longer client id still threads
-            cid = hashlib.sha256(cid.encode()).hexdigest()
+        cid = client_conversation_id(session, turn.conversation_id, turn.key_hash)
         if session.get(Conversation, cid) is None:
             session.add(Conversation(id=cid, created_at=turn.created_at, key_hash=turn.key_hash))
         return cid

@@ -1,30 +1,37 @@
-"""Curation: the turn log and its ratings -> SFT examples and preference rows, filtered and split.
+"""Curation: the turn log, its ratings and corrections -> SFT examples, preference rows and
+held-out items, filtered and split.
 
-    counts = curate(iter_turns(session), config=CurationConfig(max_tokens=384), count_tokens=counter, sinks=sinks)
+    counts = curate(iter_log(db), config=CurationConfig(max_tokens=384), count_tokens=counter, sinks=sinks)
 
-Pure steps over rows (a `Turn` or a dict with the same fields), composed by `curate`:
-  group_conversations  consecutive turns of one conversation (the input is ordered by
-                       conversation_id, seq, so memory holds one conversation at a time)
-  sft_example          an up-rated, completed turn -> its request messages (earlier turns as
-                       context, assistant context marked `"weight": 0`) + its answer as target.
-                       Down-rated, unrated and incomplete/failed turns are never targets.
-                       The target is what the chat model said: `raw_answer` when a restyler
-                       rewrote the answer the client saw.
-  preference_row       up/down-rated turns -> TRL's unpaired `{prompt, completion, label}`;
-                       `PairIndex` pairs prompts that got both into `{prompt, chosen, rejected}`
-  scrub_pii            e-mails, phone and card-like numbers -> [EMAIL] [PHONE] [CARD]
-  filters              empty answers, invalid format, exact and normalized duplicates, too
-                       many tokens (the base model's tokenizer, batched) — each with a count
-  is_heldout           deterministic split by a hash of the conversation id
-Global state (duplicate keys, preference pairs) lives in a private on-disk SQLite file, so
-memory stays bounded whatever the size of the log.
+What one completed turn gives. The model's own rated answers and explicit corrections are the
+only answers ever written; assistant messages a client sent as context are marked
+`"weight": 0` in SFT examples (context, not a target) and only ever appear inside a prompt:
+
+    rating  correction  SFT target       KTO rows (preferences)                    DPO pair
+    up      -           its answer       answer desirable                           -
+    down    -           -                answer undesirable                         -
+    any     yes         the correction   answer (by its rating), correction desirable  correction over answer
+    none / incomplete / failed turn: nothing
+
+Two rated answers (one up, one down) to the same prompt make a pair too (source "pair").
+Every row carries `meta`: {"key": sha256 of the API key hash or null, "rating", "source"}
+(source rated | corrected | pair; feedback/check.py validates it). The target is what the
+chat model said: `raw_answer` when a restyler rewrote the answer the client saw.
+
+Steps, each counted in `CurationCounts`:
+  split    held-out conversations (feedback/heldout.py): their SFT examples go to the held-out
+           sink and their evaluation item (trusted gold answers only) to `heldout_item`; they
+           give no preference rows
+  scrub    PII placeholders (feedback/pii.py), each distinct text of a conversation once
+  filters  empty answers, invalid format, exact and normalized duplicates (SFT); invalid rows
+           and exact duplicates (preference rows); too many tokens (base model's tokenizer, batched)
+At the end `sinks.source` hears every conversation and key (as digests) that a written row came
+from: the snapshot keeps them so that `data forget` finds the snapshots that held its target.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -32,18 +39,28 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from feedback.check import TokenCounter, validate_messages, within_limit
+from feedback.check import TokenCounter, token_sequences, validate_messages, validate_prompt, validate_row, within_limit
 from feedback.conversations import text_of
+from feedback.dedup import DiskSet, Memo, Origin, PairIndex, exact_key, normalize_text, row_key
+from feedback.heldout import Split, correction_of, get, gold_answer, heldout_item, item_messages, target_answer
+from feedback.pii import COUNTER_NAMES
 
 FILTERS = ("empty_answer", "invalid", "exact_duplicate", "normalized_duplicate", "too_long")
+ROW_FILTERS = ("invalid", "exact_duplicate", "too_long")
+_MIXED = "\x00mixed"  # the key of a conversation whose turns came from several keys
 
 
-def get(row: Any, name: str, default: Any = None) -> Any:
-    """A field of a Turn or of a plain dict row."""
-    return row.get(name, default) if isinstance(row, dict) else getattr(row, name, default)
+def key_digest(key_hash: str | None) -> str | None:
+    """How a snapshot names an API key: sha256 hex of the key's hash (None without a key)."""
+    return hashlib.sha256(key_hash.encode()).hexdigest() if key_hash else None
 
 
-# ---------------------------------------------------------------------------------------- rows -> examples
+def conversation_digest(conversation_id: str) -> str:
+    """How a snapshot names a conversation: sha256 hex of its id."""
+    return hashlib.sha256(str(conversation_id).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- one turn
 
 
 def group_conversations(rows: Iterable[Any]) -> Iterator[list[Any]]:
@@ -58,12 +75,6 @@ def group_conversations(rows: Iterable[Any]) -> Iterator[list[Any]]:
         yield group
 
 
-def target_answer(turn: Any) -> str:
-    """What the chat model said: the raw answer when a restyler rewrote it, else the answer."""
-    raw = get(turn, "raw_answer")
-    return text_of(raw if get(turn, "style") and raw else get(turn, "answer"))
-
-
 def clean_messages(messages: list[dict]) -> list[dict]:
     """Only role and (text) content; assistant messages of the context get weight 0."""
     out = []
@@ -75,139 +86,52 @@ def clean_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def rebuild_conversation(turns: list[Any]) -> list[dict]:
-    """The conversation as its client last saw it: the latest turn's messages and its answer."""
-    last = max(turns, key=lambda t: get(t, "seq", 0))
-    return [*clean_messages(get(last, "request_messages") or []), {"role": "assistant", "content": target_answer(last)}]
+def prompt_of(turn: Any) -> list[dict]:
+    """The turn's request messages as a preference row's prompt (role and text only)."""
+    return [{"role": m.get("role"), "content": text_of(m.get("content"))} for m in get(turn, "request_messages") or []]
 
 
-def is_target(turn: Any) -> bool:
-    return get(turn, "rating") == "up" and get(turn, "status", "ok") == "ok"
+def meta_of(turn: Any, source: str) -> dict:
+    return {"key": key_digest(get(turn, "key_hash")), "rating": get(turn, "rating"), "source": source}
 
 
-def sft_example(turn: Any) -> list[dict] | None:
-    """The messages of an up-rated completed turn with its answer as the only target, else None."""
-    if not is_target(turn):
+def _answer(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def sft_example(turn: Any) -> dict | None:
+    """The turn's SFT example (its request as context, then its correction or its up-rated
+    answer as the one target), or None when the turn has no target."""
+    if get(turn, "status", "ok") != "ok" or (correction_of(turn) is None and get(turn, "rating") != "up"):
         return None
-    return [*clean_messages(get(turn, "request_messages") or []), {"role": "assistant", "content": target_answer(turn)}]
+    target = gold_answer(turn) or ""  # an up-rated empty answer: kept here, counted by the filters
+    source = "corrected" if correction_of(turn) is not None else "rated"
+    return {"messages": [*clean_messages(get(turn, "request_messages") or []), *_answer(target)], "meta": meta_of(turn, source)}
 
 
-def preference_row(turn: Any) -> dict | None:
-    """TRL's unpaired preference format for an up/down-rated completed turn with an answer."""
+def preference_rows(turn: Any) -> list[dict]:
+    """TRL's unpaired (KTO) rows of a rated, completed turn: its answer labelled by the rating,
+    and its correction as a desirable answer."""
     rating = get(turn, "rating")
-    if rating not in ("up", "down") or get(turn, "status", "ok") != "ok" or not target_answer(turn).strip():
+    if rating not in ("up", "down") or get(turn, "status", "ok") != "ok":
+        return []
+    prompt, answer, correction = prompt_of(turn), target_answer(turn), correction_of(turn)
+    rows = []
+    if answer.strip():
+        rows.append({"prompt": prompt, "completion": _answer(answer), "label": rating == "up",
+                     "meta": meta_of(turn, "corrected" if correction else "rated")})
+    if correction:
+        rows.append({"prompt": prompt, "completion": _answer(correction), "label": True, "meta": meta_of(turn, "corrected")})
+    return rows
+
+
+def correction_pair(turn: Any) -> dict | None:
+    """A DPO row with the turn's correction chosen over the model's answer, or None (no
+    correction, no answer, or a correction that only restates the answer)."""
+    correction, answer = correction_of(turn), target_answer(turn)
+    if correction is None or get(turn, "status", "ok") != "ok" or normalize_text(correction) == normalize_text(answer):
         return None
-    prompt = [{k: v for k, v in m.items() if k != "weight"} for m in clean_messages(get(turn, "request_messages") or [])]
-    return {"prompt": prompt, "completion": [{"role": "assistant", "content": target_answer(turn)}], "label": rating == "up"}
-
-
-# ---------------------------------------------------------------------------------------- PII
-
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-# A run of digits with single separators; what it is depends on its digit count and shape.
-NUMBER_RUN = re.compile(r"(?<![\w+])(?:\+\s?)?\(?\d[\d()]*(?:[ .-]\(?\d[\d()]*)*(?![\w])")
-LOCAL_PHONE = re.compile(r"\d{3}[ .-]\d{4}")
-_MAYBE_PII = re.compile(r"@|\d")
-DATE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}")
-
-
-def _number_placeholder(match: re.Match, counts: Counter) -> str:
-    s = match.group(0)
-    digits = sum(c.isdigit() for c in s)
-    plain = not any(c in s for c in "+()")
-    if 13 <= digits <= 19 and plain and "." not in s:
-        counts["card"] += 1
-        return "[CARD]"
-    if DATE.fullmatch(s) or re.fullmatch(r"\d+\.\d+", s):
-        return s
-    if 10 <= digits <= 15 or (7 <= digits <= 9 and (not plain or LOCAL_PHONE.fullmatch(s))):
-        counts["phone"] += 1
-        return "[PHONE]"
-    return s
-
-
-def scrub_pii(text: str, counts: Counter | None = None) -> str:
-    """Replace e-mail addresses, phone numbers and card-like numbers with placeholders."""
-    counts = counts if counts is not None else Counter()
-
-    def email(m: re.Match) -> str:
-        counts["email"] += 1
-        return "[EMAIL]"
-
-    text = EMAIL.sub(email, text)
-    return NUMBER_RUN.sub(lambda m: _number_placeholder(m, counts), text)
-
-
-def scrub_messages(messages: list[dict], counts: Counter) -> list[dict]:
-    return [{**m, "content": scrub_pii(m["content"], counts)} for m in messages]
-
-
-# ---------------------------------------------------------------------------------------- keys, split
-
-_PUNCT = re.compile(r"[^\w\s]|_")
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, punctuation dropped, whitespace collapsed: what normalized duplicates share."""
-    return " ".join(_PUNCT.sub("", text.lower()).split())
-
-
-def _digest(pairs: Iterable[tuple[str, str]]) -> bytes:
-    joined = "\x1e".join(f"{role}\x1f{content}" for role, content in pairs)
-    return hashlib.blake2b(joined.encode(), digest_size=16).digest()
-
-
-def exact_key(messages: list[dict]) -> bytes:
-    return _digest((m["role"], m["content"]) for m in messages)
-
-
-def normalized_key(messages: list[dict]) -> bytes:
-    return _digest((m["role"], normalize_text(m["content"])) for m in messages)
-
-
-def is_heldout(conversation_id: str, fraction: float) -> bool:
-    """Deterministic: the same conversation always lands on the same side."""
-    h = int.from_bytes(hashlib.sha256(str(conversation_id).encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
-
-
-class DiskSet:
-    """A set of keys in a private temporary SQLite file: membership without memory growth."""
-
-    def __init__(self, db: sqlite3.Connection, name: str):
-        self.db, self.name = db, name
-        db.execute(f"CREATE TABLE {name} (k BLOB PRIMARY KEY) WITHOUT ROWID")
-
-    def add(self, key: bytes) -> bool:
-        """True when the key is new."""
-        return self.db.execute(f"INSERT OR IGNORE INTO {self.name} VALUES (?)", (key,)).rowcount == 1
-
-
-class PairIndex:
-    """Rated answers by prompt; `pairs()` gives chosen/rejected pairs where a prompt got both.
-
-    Only a digest of each prompt is kept; a prompt's text is stored once it has both an up and
-    a down rating, so the (long) prompts of unpaired rows are never serialized."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-        db.execute("CREATE TABLE pref (n INTEGER PRIMARY KEY, k BLOB, label INTEGER, completion TEXT)")
-        db.execute("CREATE INDEX pref_k ON pref (k, label)")
-        db.execute("CREATE TABLE prompt (k BLOB PRIMARY KEY, messages TEXT) WITHOUT ROWID")
-
-    def add(self, row: dict) -> None:
-        key, label = exact_key(row["prompt"]), int(row["label"])
-        self.db.execute("INSERT INTO pref (k, label, completion) VALUES (?, ?, ?)", (key, label, row["completion"][0]["content"]))
-        if self.db.execute("SELECT 1 FROM pref WHERE k = ? AND label = ? LIMIT 1", (key, 1 - label)).fetchone():
-            self.db.execute("INSERT OR IGNORE INTO prompt VALUES (?, ?)", (key, json.dumps(row["prompt"], ensure_ascii=False)))
-
-    def pairs(self) -> Iterator[dict]:
-        q = """SELECT p.messages, u.completion, d.completion FROM prompt p
-               JOIN pref u ON u.k = p.k AND u.label = 1 JOIN pref d ON d.k = p.k AND d.label = 0
-               WHERE u.completion != d.completion ORDER BY u.n, d.n"""
-        for prompt, chosen, rejected in self.db.execute(q):
-            yield {"prompt": json.loads(prompt), "chosen": [{"role": "assistant", "content": chosen}],
-                   "rejected": [{"role": "assistant", "content": rejected}]}
+    return {"prompt": prompt_of(turn), "chosen": _answer(correction), "rejected": _answer(answer), "meta": meta_of(turn, "corrected")}
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -215,10 +139,20 @@ class PairIndex:
 
 @dataclass
 class CurationConfig:
-    max_tokens: int | None = None  # examples longer than this (chat template included) are dropped
+    """How curation turns the log into data (learn/settings.py builds it from `[learn]`)."""
+
+    max_tokens: int | None = None  # rows longer than this (chat template included) are dropped
     pii_scrub: bool = True
     heldout_fraction: float = 0.1
-    token_batch: int = 1000  # examples tokenized together (bounded memory, fast batch encoding)
+    heldout_salt: str = ""  # the split's secret; create_snapshot takes the store's
+    trusted_keys: tuple[str, ...] = ()  # key hashes whose conversations may be held out; () = any
+    max_share_per_key: float | None = None  # applied to the snapshot's files (feedback/share.py)
+    operator_heldout: str | None = None  # learn.heldout_file, for the manifest's verdict
+    token_batch: int = 1000  # rows tokenized together (bounded memory, fast batch encoding)
+
+
+def _noop(*_: Any) -> None:
+    return None
 
 
 @dataclass
@@ -227,8 +161,14 @@ class Sinks:
 
     train: Callable[[dict], None]
     heldout: Callable[[dict], None]
-    preference: Callable[[dict], None] = lambda row: None
-    pair: Callable[[dict], None] = lambda row: None
+    preference: Callable[[dict], None] = _noop
+    pair: Callable[[dict], None] = _noop
+    heldout_item: Callable[[dict], None] = _noop
+    source: Callable[[str, str], None] = _noop  # ("conversation" | "key", digest), sorted, at the end
+
+
+def _zeros(names: Iterable[str]) -> dict[str, int]:
+    return dict.fromkeys(names, 0)
 
 
 @dataclass
@@ -236,126 +176,188 @@ class CurationCounts:
     turns: int = 0
     conversations: int = 0
     rated_up: int = 0
-    rated_down: int = 0
+    rated_down: int = 0  # without a correction: a KTO row, never an SFT target
     unrated: int = 0
+    corrected: int = 0  # completed turns with a correction (any rating)
     rated_not_ok: int = 0  # rated, but the turn did not complete: never a target
     candidates: int = 0
-    removed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FILTERS, 0))
-    pii: dict[str, int] = field(default_factory=lambda: {"email": 0, "phone": 0, "card": 0})
+    removed: dict[str, int] = field(default_factory=lambda: _zeros(FILTERS))
+    removed_preferences: dict[str, int] = field(default_factory=lambda: _zeros(ROW_FILTERS))
+    removed_pairs: dict[str, int] = field(default_factory=lambda: _zeros(("correction_same_as_answer", *ROW_FILTERS)))
+    pii: dict[str, int] = field(default_factory=lambda: _zeros(COUNTER_NAMES))
     train: int = 0
     heldout: int = 0
     preferences: int = 0
     preference_pairs: int = 0
+    sources: dict[str, dict[str, int]] = field(default_factory=lambda: {
+        "train": _zeros(("rated", "corrected")), "preferences": _zeros(("rated", "corrected")),
+        "preference_pairs": _zeros(("corrected", "pair"))})
+    heldout_split: dict[str, int] = field(default_factory=lambda: _zeros(
+        ("conversations", "items", "turns_without_gold", "items_too_long", "untrusted_key_conversations")))
     first_turn_at: str | None = None
     last_turn_at: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
-
-def _count_turn(turn: Any, counts: CurationCounts, window: list) -> None:
-    counts.turns += 1
-    rating, status = get(turn, "rating"), get(turn, "status", "ok")
-    if rating is None:
-        counts.unrated += 1
-    elif status != "ok":
-        counts.rated_not_ok += 1
-    elif rating == "up":
-        counts.rated_up += 1
-    elif rating == "down":
-        counts.rated_down += 1
-    at = get(turn, "created_at")
-    if at is not None:
-        window[0] = at if window[0] is None or at < window[0] else window[0]
-        window[1] = at if window[1] is None or at > window[1] else window[1]
-
-
-class _Memo:
-    """Per-conversation memo of scrubbed and normalized texts: turn k's request repeats the
-    messages of turns < k, so each text is processed once per conversation, not once per turn."""
-
-    def __init__(self, pii: Counter, scrub: bool):
-        self.pii, self.scrub = pii, scrub
-        self.scrubbed: dict[str, tuple[str, Counter | None]] = {}
-        self.normalized: dict[str, str] = {}
-
-    def scrub_messages(self, messages: list[dict], count: bool = True) -> list[dict]:
-        if not self.scrub:
-            return messages
-        out = []
-        for m in messages:
-            text = m["content"]
-            hit = self.scrubbed.get(text)
-            if hit is None:
-                found: Counter = Counter()
-                hit = self.scrubbed[text] = (scrub_pii(text, found) if _MAYBE_PII.search(text) else text, found or None)
-            if count and hit[1]:
-                self.pii.update(hit[1])
-            out.append({**m, "content": hit[0]})
-        return out
-
-    def normalize(self, text: str) -> str:
-        norm = self.normalized.get(text)
-        if norm is None:
-            norm = self.normalized[text] = normalize_text(text)
-        return norm
-
-    def normalized_key(self, messages: list[dict]) -> bytes:
-        return _digest((m["role"], self.normalize(m["content"])) for m in messages)
+    def count_turn(self, turn: Any, window: list) -> None:
+        self.turns += 1
+        rating, status = get(turn, "rating"), get(turn, "status", "ok")
+        if rating is None:
+            self.unrated += 1
+        elif status != "ok":
+            self.rated_not_ok += 1
+        elif rating == "up":
+            self.rated_up += 1
+        elif rating == "down":
+            self.rated_down += 1
+        self.corrected += status == "ok" and correction_of(turn) is not None
+        at = get(turn, "created_at")
+        if at is not None:
+            window[0] = at if window[0] is None or at < window[0] else window[0]
+            window[1] = at if window[1] is None or at > window[1] else window[1]
 
 
-class _Candidates:
-    """Turns -> (held out?, messages) of each SFT example that passes every filter but the token
-    limit (which needs batches); preference rows go to their sinks on the way."""
+def _sequences(row: dict) -> list[list[dict]]:
+    """The message lists whose longest token count is a row's length, whatever its kind."""
+    if "turns" in row:
+        return [item_messages(row)]
+    return token_sequences(row, "chat" if "messages" in row else "kto" if "completion" in row else "dpo")
+
+
+class _Run:
+    """One curation run: turns -> ((kind, held, origins), row) of every row that passed every
+    filter but the token limit (which needs batches); `emit` sends what passed that too."""
 
     def __init__(self, db: sqlite3.Connection, config: CurationConfig, counts: CurationCounts, sinks: Sinks):
         self.config, self.counts, self.sinks = config, counts, sinks
-        self.exact, self.normalized, self.prefs = DiskSet(db, "exact"), DiskSet(db, "normalized"), PairIndex(db)
+        self.split = Split(config.heldout_fraction, config.heldout_salt, frozenset(config.trusted_keys))
+        self.seen = {name: DiskSet(db, name) for name in ("exact", "normalized", "kto", "dpo")}
+        self.sources = DiskSet(db, "sources")
+        self.recent_sources: set[str] = set()  # spares the database the same conversation's rows again and again
+        self.pairs = PairIndex(db)
         self.pii: Counter = Counter()
         self.window: list = [None, None]
 
-    def __call__(self, rows: Iterable[Any]) -> Iterator[tuple[bool, list[dict]]]:
+    def __call__(self, rows: Iterable[Any]) -> Iterator[tuple[tuple, dict]]:
         for turns in group_conversations(rows):
             self.counts.conversations += 1
-            held = is_heldout(get(turns[0], "conversation_id"), self.config.heldout_fraction)
-            memo = _Memo(self.pii, self.config.pii_scrub)
+            cid = get(turns[0], "conversation_id")
+            keys = {get(t, "key_hash") for t in turns}
+            key = next(iter(keys)) if len(keys) == 1 else _MIXED
+            held = self.split.held(cid, key)
+            if self.split.trusted_keys and key not in self.split.trusted_keys:
+                self.counts.heldout_split["untrusted_key_conversations"] += 1
+            memo = Memo(self.pii, self.config.pii_scrub)
             for turn in turns:
-                _count_turn(turn, self.counts, self.window)
+                self.counts.count_turn(turn, self.window)
+                origin = (Origin(conversation_digest(cid), key_digest(get(turn, "key_hash"))),)
+                example = self._example(turn, memo)
+                if example is not None:
+                    yield ("sft", held, origin), example
                 if not held:
-                    self._preference(turn, memo)
-                msgs = self._example(turn, memo)
-                if msgs is not None:
-                    yield held, msgs
+                    yield from (((kind, False, origin), row) for kind, row in self._preferences(turn, memo))
+            if held:
+                origins = tuple(Origin(conversation_digest(cid), key_digest(k)) for k in sorted(keys, key=str))
+                yield from self._item(turns, memo, origins)
 
-    def _preference(self, turn: Any, memo: _Memo) -> None:
-        row = preference_row(turn)
-        if row is None:
-            return
-        row["prompt"] = memo.scrub_messages(row["prompt"], count=False)  # counted once, on the SFT examples
-        row["completion"] = memo.scrub_messages(row["completion"], count=False)
-        self.counts.preferences += 1
-        self.sinks.preference(row)
-        self.prefs.add(row)
-
-    def _example(self, turn: Any, memo: _Memo) -> list[dict] | None:
-        msgs = sft_example(turn)
-        if msgs is None:
+    def _example(self, turn: Any, memo: Memo) -> dict | None:
+        example = sft_example(turn)
+        if example is None:
             return None
         removed = self.counts.removed
         self.counts.candidates += 1
-        if not msgs[-1]["content"].strip():
+        if not example["messages"][-1]["content"].strip():
             removed["empty_answer"] += 1
             return None
-        msgs = memo.scrub_messages(msgs)
+        msgs = memo.scrub(example["messages"])
         if validate_messages(msgs):
             removed["invalid"] += 1
-        elif not self.exact.add(exact_key(msgs)):
+        elif not self.seen["exact"].add(exact_key(msgs)):
             removed["exact_duplicate"] += 1
-        elif not self.normalized.add(memo.normalized_key(msgs)):
+        elif not self.seen["normalized"].add(memo.normalized_key(msgs)):
             removed["normalized_duplicate"] += 1
         else:
-            return msgs
+            return {"messages": msgs, "meta": example["meta"]}
         return None
+
+    def _preferences(self, turn: Any, memo: Memo) -> Iterator[tuple[str, dict]]:
+        """The turn's KTO rows and correction pair that pass the filters; its answer is indexed for pairs."""
+        rows = preference_rows(turn)
+        prompt_ok = not rows or not validate_prompt(rows[0]["prompt"])  # one prompt for all of them
+        for row in rows:
+            if self.keep("kto", row, memo, prompt_ok):
+                yield "kto", row
+        pair = correction_pair(turn)
+        if pair is None and correction_of(turn) is not None and get(turn, "status", "ok") == "ok":
+            self.counts.removed_pairs["correction_same_as_answer"] += 1
+        if pair is not None and self.keep("dpo", pair, memo, prompt_ok and bool(rows)):
+            yield "dpo", pair
+        answer = target_answer(turn)
+        if get(turn, "rating") in ("up", "down") and get(turn, "status", "ok") == "ok" and answer.strip():
+            origin = Origin(conversation_digest(get(turn, "conversation_id")), key_digest(get(turn, "key_hash")))
+            self.pairs.add(memo.scrub(prompt_of(turn)), memo.text(answer), label=get(turn, "rating") == "up", origin=origin)
+
+    def keep(self, kind: str, row: dict, memo: Memo | None, prompt_ok: bool = False) -> bool:
+        """Scrub a preference row in place (with `memo`); False, counted, when a filter drops it
+        (`prompt_ok`: its prompt is known to be valid)."""
+        if memo is not None:
+            for name in ("prompt", "completion", "chosen", "rejected"):
+                if name in row:
+                    row[name] = memo.scrub(row[name])
+        removed = self.counts.removed_preferences if kind == "kto" else self.counts.removed_pairs
+        if validate_row(row, kind, prompt_checked=prompt_ok):
+            removed["invalid"] += 1
+        elif not self.seen[kind].add(row_key(kind, row)):
+            removed["exact_duplicate"] += 1
+        else:
+            return True
+        return False
+
+    def _item(self, turns: list[Any], memo: Memo, origins: tuple[Origin, ...]) -> Iterator[tuple[tuple, dict]]:
+        split = self.counts.heldout_split
+        split["conversations"] += 1
+        item, dropped = heldout_item(turns, scrub=memo.text)
+        split["turns_without_gold"] += dropped
+        if item is not None:
+            yield ("item", True, origins), item
+
+    def too_long(self, key: tuple, _tokens: int) -> None:
+        kind = key[0]
+        target = {"sft": self.counts.removed, "kto": self.counts.removed_preferences, "dpo": self.counts.removed_pairs}.get(kind)
+        if target is None:
+            self.counts.heldout_split["items_too_long"] += 1
+        else:
+            target["too_long"] += 1
+
+    def emit(self, key: tuple, row: dict) -> None:
+        kind, held, origins = key
+        c = self.counts
+        if kind == "item":
+            row = {"id": f"heldout-{c.heldout_split['items']:06d}", **row}
+            c.heldout_split["items"] += 1
+            self.sinks.heldout_item(row)
+        elif kind == "sft" and held:
+            c.heldout += 1
+            self.sinks.heldout(row)
+        else:
+            name = {"sft": "train", "kto": "preferences", "dpo": "preference_pairs"}[kind]
+            setattr(c, name, getattr(c, name) + 1)
+            c.sources[name][row["meta"]["source"]] += 1
+            {"sft": self.sinks.train, "kto": self.sinks.preference, "dpo": self.sinks.pair}[kind](row)
+        for origin in origins:
+            for entry in (f"conversation:{origin.conversation}", f"key:{origin.key}" if origin.key else None):
+                if entry and entry not in self.recent_sources:
+                    if len(self.recent_sources) > 10_000:
+                        self.recent_sources.clear()
+                    self.recent_sources.add(entry)
+                    self.sources.add(entry)
+
+    def pair_rows(self) -> Iterator[tuple[tuple, dict]]:
+        """Pairs of rated answers to one prompt that pass the filters (after every turn is read)."""
+        for row, origins in self.pairs.pairs():
+            if self.keep("dpo", row, None):
+                yield ("dpo", False, origins), row
 
 
 def curate(rows: Iterable[Any], *, config: CurationConfig, count_tokens: TokenCounter | None, sinks: Sinks) -> CurationCounts:
@@ -364,26 +366,19 @@ def curate(rows: Iterable[Any], *, config: CurationConfig, count_tokens: TokenCo
     db = sqlite3.connect("")  # private temporary on-disk database, removed on close
     db.execute("PRAGMA journal_mode=OFF")
     try:
-        candidates = _Candidates(db, config, counts, sinks)
-
-        def too_long(_held: bool, _tokens: int) -> None:
-            counts.removed["too_long"] += 1
-
+        run = _Run(db, config, counts, sinks)
+        limit = dict(max_tokens=config.max_tokens, count_tokens=count_tokens, on_too_long=run.too_long,
+                     batch=config.token_batch, sequences=_sequences)
         # The token limit of the validator (feedback/check.py), so curated data passes `data check`.
-        for held, msgs, _ in within_limit(candidates(rows), max_tokens=config.max_tokens, count_tokens=count_tokens,
-                                          on_too_long=too_long, batch=config.token_batch):
-            if held:
-                counts.heldout += 1
-                sinks.heldout({"messages": msgs})
-            else:
-                counts.train += 1
-                sinks.train({"messages": msgs})
-        for pair in candidates.prefs.pairs():
-            counts.preference_pairs += 1
-            sinks.pair(pair)
+        for key, row, _ in within_limit(run(rows), **limit):
+            run.emit(key, row)
+        for key, row, _ in within_limit(run.pair_rows(), **limit):
+            run.emit(key, row)
+        for entry in run.sources:
+            kind, _, digest = entry.partition(":")
+            sinks.source(kind, digest)
     finally:
         db.close()
-    counts.pii.update(candidates.pii)
-    window = candidates.window
-    counts.first_turn_at, counts.last_turn_at = (at.isoformat() if isinstance(at, datetime) else at for at in window)
+    counts.pii.update(run.pii)
+    counts.first_turn_at, counts.last_turn_at = (at.isoformat() if isinstance(at, datetime) else at for at in run.window)
     return counts

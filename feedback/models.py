@@ -5,11 +5,13 @@
     writer.submit(turn)                               # feedback/writer.py stores it as a `Turn` row
     rating = FeedbackCreate.model_validate(body)      # the body of POST /v1/feedback
     FeedbackPublic.of(row)                            # its 201 answer
+    Deletion(target="conversation", target_hash=..., turns=3)   # what `data forget` removed (no content)
 
 Each thing has one set of classes, in the FastAPI full-stack template's shape: `...Base` (the
 fields a caller provides), `...Create` (what comes in, validated), the table (`table=True`,
 adds what the store decides) and `...Public` (what goes out). A turn's id is the completion id
-the client saw; feedback points at it. `Turn.rating` is the current rating (latest feedback),
+the client saw; feedback points at it. `Turn.rating` and `Turn.correction` are the current rating and
+correction (those of the latest feedback; a later rating without a correction withdraws it),
 kept on the turn so that curation reads one table; every rating ever given stays in `Feedback`.
 Schema changes go through the Alembic migrations in feedback/migrations, never `create_all`;
 tests/feedback/test_db.py fails when these classes and the migrated schema disagree.
@@ -21,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import ConfigDict, field_serializer, field_validator
-from sqlalchemy import JSON, Index, Text
+from sqlalchemy import JSON, Column, Index, Text
 from sqlmodel import AutoString, Field, SQLModel
 
 Status = Literal["ok", "incomplete", "error"]  # incomplete: the client left mid-stream
@@ -40,6 +42,8 @@ def as_utc(at: datetime) -> datetime:
 
 
 class Conversation(SQLModel, table=True):
+    """A thread of turns, owned by the API key that started it (None: an open gateway)."""
+
     id: str = Field(primary_key=True, max_length=64)
     created_at: datetime = Field(default_factory=utcnow, index=True)
     key_hash: str | None = Field(default=None, max_length=64)
@@ -95,6 +99,7 @@ class Turn(TurnBase, table=True):
     thread_hash: str = Field(max_length=64)  # of the request messages plus the answer
     rating: Rating | None = Field(default=None, sa_type=AutoString(length=8))
     rated_at: datetime | None = Field(default=None, index=True)
+    correction: str | None = Field(default=None, sa_type=Text)  # the answer the user wanted (migration 0005)
 
 
 class TurnPublic(TurnBase):
@@ -106,6 +111,7 @@ class TurnPublic(TurnBase):
     thread_hash: str
     rating: Rating | None = None
     rated_at: datetime | None = None
+    correction: str | None = None
 
 
 # ---------------------------------------------------------------------------------------- feedback
@@ -114,6 +120,9 @@ class TurnPublic(TurnBase):
 class FeedbackBase(SQLModel):
     rating: Rating = Field(sa_type=AutoString(length=8))
     comment: str | None = Field(default=None, max_length=10_000, sa_type=Text)
+    # The answer the user wanted, whatever the rating: an SFT target for the turn and the
+    # chosen side of a preference pair against the model's answer (feedback/curate.py).
+    correction: str | None = Field(default=None, max_length=10_000, sa_type=Text)
 
 
 class FeedbackCreate(FeedbackBase):
@@ -122,6 +131,13 @@ class FeedbackCreate(FeedbackBase):
     model_config = ConfigDict(extra="forbid")
 
     completion_id: str = Field(min_length=1, max_length=64)
+
+    @field_validator("correction")
+    @classmethod
+    def _not_blank(cls, text: str | None) -> str | None:
+        if text is not None and not text.strip():
+            raise ValueError("a correction must not be blank; leave it out to rate without one")
+        return text
 
 
 class Feedback(FeedbackBase, table=True):
@@ -143,9 +159,38 @@ class FeedbackPublic(FeedbackBase):
 
     @classmethod
     def of(cls, row: Feedback) -> FeedbackPublic:
-        return cls(id=row.id, completion_id=row.turn_id, rating=row.rating, comment=row.comment, created_at=row.created_at)
+        return cls(id=row.id, completion_id=row.turn_id, rating=row.rating, comment=row.comment, correction=row.correction,
+                   created_at=row.created_at)
 
     @field_serializer("created_at")
     def _iso(self, at: datetime) -> str:
         # datetime.isoformat ("+00:00"), as the API answered before these classes; pydantic would write "Z".
         return at.isoformat()
+
+
+# ---------------------------------------------------------------------------------------- forget
+
+
+class Deletion(SQLModel, table=True):
+    """What one `data forget` removed, kept without the content: which target (by hash), how
+    many rows, and which snapshots held it (their data files were removed too)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    target: str = Field(max_length=16)  # "key" | "conversation"
+    target_hash: str = Field(max_length=64)  # sha256 hex of the key hash / of the conversation id
+    conversations: int = 0
+    turns: int = 0
+    ratings: int = 0
+    corrections: int = 0
+    snapshots: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # content hashes
+    requested_by: str | None = Field(default=None, max_length=64)  # "cli", or the admin key's hash
+
+
+class StoreSecret(SQLModel, table=True):
+    """A server-side secret, made once per store (the held-out split's salt); never written
+    into a snapshot or a report."""
+
+    __tablename__ = "store_secret"
+    name: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=128)

@@ -1,11 +1,13 @@
 """Reading and rating the turn log: what the gateway, curation and the learner ask the store.
 
     with Session(db) as session:
-        fb = record_feedback(session, turn_id="chatcmpl-1", rating="up", comment=None, key_hash=None, admin=False)
+        fb = record_feedback(session, turn_id="chatcmpl-1", rating="down", comment=None, key_hash=None, admin=False,
+                             correction="The answer I wanted.")
         turns = conversation_turns(session, session.get(Turn, fb.turn_id).conversation_id)
     for row in iter_log(db, since=since):   # curation's input, streamed
         ...
     rated_turns(db, since=last_cycle_started)   # the learner's new-ratings trigger
+    store_secret(db, "heldout_salt")            # a random secret made once per store
 
 Windows (`since`, `until`) are [since, until) on the turn's creation time; a naive datetime is
 taken as UTC.
@@ -13,23 +15,27 @@ taken as UTC.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, get_args
 
 import sqlalchemy
 from sqlalchemy import Engine, func
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from feedback.models import Feedback, Rating, Turn, as_utc
+from feedback.models import Feedback, Rating, StoreSecret, Turn, as_utc
 
 RATINGS = get_args(Rating)
 
 
 def record_feedback(
-    session: Session, *, turn_id: str, rating: str, comment: str | None, key_hash: str | None, admin: bool
+    session: Session, *, turn_id: str, rating: str, comment: str | None, key_hash: str | None, admin: bool,
+    correction: str | None = None,
 ) -> Feedback:
-    """Store a rating of turn `turn_id` and make it the turn's current rating; commits.
+    """Store a rating (and the correction it may carry) of turn `turn_id` and make both the
+    turn's current ones; commits. A rating without a correction withdraws an earlier correction.
 
     Raises LookupError for an unknown id, PermissionError when the turn was answered for another
     API key and the caller is not admin, ValueError for a rating other than up/down. The rated
@@ -43,8 +49,8 @@ def record_feedback(
         raise LookupError(f"no completion with id {turn_id!r}")
     if turn.key_hash is not None and turn.key_hash != key_hash and not admin:
         raise PermissionError(f"completion {turn_id!r} was answered for another API key")
-    fb = Feedback(turn_id=turn_id, rating=rating, comment=comment, key_hash=key_hash)
-    turn.rating, turn.rated_at = rating, fb.created_at
+    fb = Feedback(turn_id=turn_id, rating=rating, comment=comment, correction=correction, key_hash=key_hash)
+    turn.rating, turn.rated_at, turn.correction = rating, fb.created_at, correction
     session.add(fb)
     session.add(turn)
     session.commit()
@@ -77,7 +83,7 @@ def iter_turns(
 
 # The columns curation reads (feedback/curate.py), and nothing else.
 LOG_COLUMNS = (Turn.id, Turn.conversation_id, Turn.seq, Turn.created_at, Turn.request_messages,
-               Turn.answer, Turn.raw_answer, Turn.style, Turn.status, Turn.rating)
+               Turn.answer, Turn.raw_answer, Turn.style, Turn.status, Turn.rating, Turn.correction, Turn.key_hash)
 
 
 def iter_log(db: Engine, *, since: datetime | None = None, until: datetime | None = None,
@@ -101,3 +107,18 @@ def rated_turns(db: Engine, *, since: datetime | None = None) -> int:
         q = q.where(Turn.rated_at > as_utc(since))
     with Session(db) as session:
         return session.exec(q).one()
+
+
+def store_secret(db: Engine, name: str) -> str:
+    """The store's secret `name` (64 hex characters), made at random the first time it is asked
+    for and the same ever after, in every process that opens this store."""
+    with Session(db) as session:
+        row = session.get(StoreSecret, name)
+        if row is not None:
+            return row.value
+        session.add(StoreSecret(name=name, value=secrets.token_hex(32)))
+        try:
+            session.commit()
+        except IntegrityError:  # another process made it first: theirs stands
+            session.rollback()
+        return session.get(StoreSecret, name).value

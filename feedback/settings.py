@@ -2,6 +2,7 @@
 
     [store]
     url = "postgresql+psycopg://tunewheel@db/tunewheel"    # default: SQLite (WAL) in the data dir
+    scrub_at_write = true                                  # PII never reaches the turn log
 
     [store.spool]                                           # answered turns on local disk first
     max_bytes = 268435456                                   # beyond it new chat requests get 503
@@ -47,6 +48,10 @@ class StoreSettings(BaseModel):
     url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data dir>/tunewheel.db. "
                                               "Postgres: postgresql+psycopg://user@host/db.")
     spool: SpoolSettings = Field(default_factory=SpoolSettings, description="The turn spool before the database.")
+    scrub_at_write: bool = Field(False, description="Scrub PII (feedback/pii.py: e-mails, phone numbers, cards, IBANs, IP "
+                                                    "addresses, national ids) from every turn, correction and comment before "
+                                                    "it is stored, not only when curating. Costs gateway CPU per turn (the "
+                                                    "first one waits a few seconds for presidio to load).")
 
     def url_for(self, data_dir: Path) -> str:
         """The URL to open: the configured one, or the SQLite file in `data_dir`."""

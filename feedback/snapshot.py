@@ -3,23 +3,32 @@
     tunewheel data curate [--since 2025-01-01] [--config FILE]
     snap = create_snapshot(db, root=datasets_dir / "snapshots", config=CurationConfig(max_tokens=384),
                            seed_files=["seed.json"], tokenizer=model_dir)
-    snap.path / "train.jsonl", snap.manifest["hash"]
-    latest_snapshot(datasets_dir / "snapshots")
+    snap.path / "train.jsonl", snap.manifest["hash"], snap.manifest["heldout"]["trusted"]
+    latest_snapshot(datasets_dir / "snapshots"); iter_snapshots(datasets_dir / "snapshots")
 
-A snapshot is a folder `<root>/<version>` holding
-  train.jsonl              curated SFT examples (chat JSONL) + the operator's seed files
-  heldout.jsonl            curated examples of the held-out conversations (chat JSONL)
-  heldout_eval.jsonl       the held-out conversations with a system prompt (the story) in the
-                           learner's format: the longest curated example of each, its earlier
-                           (context) answers standing as the gold answers of the earlier turns
-  preferences.jsonl        unpaired {prompt, completion, label} rows (train conversations)
-  preference_pairs.jsonl   {prompt, chosen, rejected} where one prompt got both ratings
-  manifest.json            counts per step and filter, time window, seed files, config, hash
+A snapshot is a folder `<root>/<version>` holding (one JSON object per line, each row with its
+`meta` {"key", "rating", "source"}, see feedback/curate.py):
+  train.jsonl              SFT examples, chat JSONL: curated (source rated | corrected) + the
+                           operator's seed files (source seed)
+  preferences.jsonl        KTO rows {prompt, completion, label} of the train conversations
+  preference_pairs.jsonl   DPO rows {prompt, chosen, rejected}: corrections over answers, and
+                           up- over down-rated answers to one prompt
+  heldout.jsonl            SFT examples of the held-out conversations (chat JSONL)
+  heldout_eval.jsonl       one learner-format item per held-out conversation ({id, source,
+                           story, turns}), gold answers from up-rated model answers and
+                           corrections only (feedback/heldout.py)
+  sources.jsonl            {"kind": "conversation"|"key", "sha256": ...} of every conversation
+                           and key a row came from (before the share cap): what `data forget` reads
+  manifest.json            counts per rule and filter (what each removed), the held-out verdict
+                           {"trusted": bool, "why": str}, time window, seed files, config, hash
 Seed examples pass the same validator and token limit as curated ones (feedback/check.py), so
-train.jsonl always passes `data check` with the snapshot's limit; what a seed file lost is
-counted in the manifest. The version is `snap-<first 12 hex of the content hash>`: the hash
-covers the data files, so identical input gives an identical hash and the same folder, which is
-never rewritten. The folder is written under a temporary name and renamed into place when complete.
+every file passes `data check` with the snapshot's limit; what a seed file lost is counted in
+the manifest. `learn.max_share_per_key` is applied to the three training files last
+(feedback/share.py). The version is `snap-<first 12 hex of the content hash>`: the hash covers
+the data files and sources, so identical input gives an identical hash and the same folder,
+which is never rewritten, except by `data forget`, which removes the data files of a
+snapshot that held what it forgets and leaves `forgotten.json` (feedback/forget.py). The folder
+is written under a temporary name and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -29,23 +38,30 @@ import json
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from feedback import check
 from feedback.check import TokenCounter, iter_valid_examples, validate_messages, within_limit
-from feedback.coqa import SYSTEM_PROMPT, RecordProblem, is_coqa_file, load_coqa, parse_record, to_chat
+from feedback.coqa import RecordProblem, is_coqa_file, load_coqa, parse_record, to_chat
 from feedback.curate import CurationConfig, CurationCounts, Sinks, curate
+from feedback.heldout import trust
 from feedback.models import as_utc
-from feedback.queries import iter_log
+from feedback.queries import iter_log, store_secret
+from feedback.share import cap_file
 
 DATA_FILES = ("train.jsonl", "heldout.jsonl", "heldout_eval.jsonl", "preferences.jsonl", "preference_pairs.jsonl")
-STORY_PREFIX = SYSTEM_PROMPT.split("{story}")[0]
+SOURCES_FILE = "sources.jsonl"
+HASHED_FILES = (*DATA_FILES, SOURCES_FILE)
+CAPPED_FILES = {"train": "train.jsonl", "preferences": "preferences.jsonl", "preference_pairs": "preference_pairs.jsonl"}
+FORGOTTEN_FILE = "forgotten.json"
+SEED_META = {"key": None, "rating": None, "source": "seed"}
 _encode = json.JSONEncoder(ensure_ascii=False).encode  # one encoder for every line: no per-row setup
-EMPTY_MESSAGE = "no up-rated, completed turns in this window: the snapshot has no curated examples"
+EMPTY_MESSAGE = "no rated or corrected, completed turns in this window: the snapshot has no curated examples"
 SEED_PROBLEMS_KEPT = 50  # per seed file, in the manifest
 
 
@@ -58,6 +74,11 @@ class Snapshot:
     def version(self) -> str:
         return self.manifest["version"]
 
+    @property
+    def forgotten(self) -> bool:
+        """True when `data forget` removed this snapshot's data files (they held what it forgot)."""
+        return (self.path / FORGOTTEN_FILE).exists()
+
 
 def create_snapshot(db, *, root: str | Path, config: CurationConfig, seed_files: Iterable[str | Path] = (),
                     count_tokens: TokenCounter | None = None, tokenizer: str | Path | None = None,
@@ -65,12 +86,15 @@ def create_snapshot(db, *, root: str | Path, config: CurationConfig, seed_files:
     """Curate the turn log in `db` (turns created in [since, until)) into a snapshot under `root`.
 
     `tokenizer` (a model folder or Hugging Face id) is recorded in the manifest and, when
-    `config.max_tokens` is set and no `count_tokens` is given, counts the tokens."""
+    `config.max_tokens` is set and no `count_tokens` is given, counts the tokens. The held-out
+    split is keyed with the store's secret salt unless `config.heldout_salt` is set."""
     since, until = (None if at is None else as_utc(at) for at in (since, until))  # the manifest says which UTC window
     if config.max_tokens and count_tokens is None:
         if tokenizer is None:
             raise ValueError("a token limit needs a tokenizer: pass tokenizer= or count_tokens=, or set max_tokens None")
         count_tokens = check.load_token_counter(tokenizer)
+    if not config.heldout_salt:
+        config = replace(config, heldout_salt=store_secret(db, "heldout_salt"))
     return build_snapshot(iter_log(db, since=since, until=until), root=root, config=config, count_tokens=count_tokens,
                           seed_files=seed_files, since=since, until=until, tokenizer=None if tokenizer is None else str(tokenizer))
 
@@ -89,18 +113,20 @@ def build_snapshot(rows: Iterable[Any], *, root: str | Path, config: CurationCon
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir(parents=True)
     try:
-        counts, seeds, eval_items = _write_data(tmp, rows, config, count_tokens, seed_files)
+        counts, seeds = _write_data(tmp, rows, config, count_tokens, seed_files)
+        capped = {name: cap_file(tmp / file, max_share=config.max_share_per_key) if config.max_share_per_key else 0
+                  for name, file in CAPPED_FILES.items()}
         digest = hashlib.sha256()
-        for name in DATA_FILES:
+        for name in HASHED_FILES:
             digest.update(f"{name}\0{_sha256(tmp / name)}\n".encode())
         content_hash = digest.hexdigest()
         version = f"snap-{content_hash[:12]}"
-        manifest = _manifest(version, content_hash, counts, seeds, config, since, until, tokenizer, tmp)
-        manifest["counts"]["heldout_eval_items"] = eval_items
+        manifest = _manifest(version, content_hash, counts, seeds, capped, config, (since, until), tokenizer, tmp)
         final = root / version
-        if final.exists():  # same content as an earlier run: that snapshot stands, unchanged
+        if final.exists() and not (final / FORGOTTEN_FILE).exists():  # same content as before: that snapshot stands
             shutil.rmtree(tmp)
             return Snapshot(final, json.loads((final / "manifest.json").read_text()))
+        shutil.rmtree(final, ignore_errors=True)  # a forgotten folder of the same content: written anew
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         os.rename(tmp, final)
         return Snapshot(final, manifest)
@@ -110,78 +136,25 @@ def build_snapshot(rows: Iterable[Any], *, root: str | Path, config: CurationCon
 
 
 def _write_data(folder: Path, rows: Iterable[Any], config: CurationConfig, count_tokens: TokenCounter | None,
-                seed_files: list[Path]) -> tuple[CurationCounts, list[dict], int]:
-    """Every data file of the snapshot; returns the curation counts, the seed files' entries and
-    the number of held-out evaluation items."""
-    files = {name: open(folder / name, "w", encoding="utf-8") for name in DATA_FILES}
+                seed_files: list[Path]) -> tuple[CurationCounts, list[dict]]:
+    """Every data file of the snapshot; returns the curation counts and the seed files' entries."""
+    files = {name: open(folder / name, "w", encoding="utf-8") for name in HASHED_FILES}
     try:
         write = {name: _line_writer(f) for name, f in files.items()}
-        heldout = HeldoutEval(write["heldout.jsonl"], write["heldout_eval.jsonl"])
-        sinks = Sinks(train=write["train.jsonl"], heldout=heldout.add,
-                      preference=write["preferences.jsonl"], pair=write["preference_pairs.jsonl"])
+        sinks = Sinks(train=write["train.jsonl"], heldout=write["heldout.jsonl"], heldout_item=write["heldout_eval.jsonl"],
+                      preference=write["preferences.jsonl"], pair=write["preference_pairs.jsonl"],
+                      source=lambda kind, digest: write[SOURCES_FILE]({"kind": kind, "sha256": digest}))
         counts = curate(rows, config=config, count_tokens=count_tokens, sinks=sinks)
-        eval_items = heldout.finish()
         seeds = [add_seed_file(path, write["train.jsonl"], max_tokens=config.max_tokens, count_tokens=count_tokens)
                  for path in seed_files]
     finally:
         for f in files.values():
             f.close()
-    return counts, seeds, eval_items
+    return counts, seeds
 
 
 def _line_writer(f) -> Callable[[dict], None]:
     return lambda row: f.write(_encode(row) + "\n")
-
-
-# ---------------------------------------------------------------------------------------- held-out items
-
-
-def chat_to_heldout(messages: list[dict], item_id: str, source: str = "log") -> dict | None:
-    """A chat example in the learner's held-out format, or None without a system message (the
-    learner prompts every item with a story). The story is the system prompt's text, without
-    the CoQA instruction when the chat used it."""
-    if not messages or messages[0]["role"] != "system":
-        return None
-    story = messages[0]["content"].removeprefix(STORY_PREFIX)
-    body = messages[1:]
-    turns = [{"question": u["content"], "answers": [a["content"]]} for u, a in zip(body[::2], body[1::2])]
-    return {"id": item_id, "source": source, "story": story, "turns": turns}
-
-
-def _pairs(messages: list[dict]) -> list[tuple[str, str]]:
-    return [(m["role"], m["content"]) for m in messages]
-
-
-class HeldoutEval:
-    """Held-out examples -> heldout.jsonl, and one learner-format item per conversation.
-
-    Up-rated turns of one conversation give nested examples (each repeats the ones before it),
-    which curation emits in order: only the longest, the last of a run that extends its
-    predecessor, becomes an evaluation item."""
-
-    def __init__(self, write_example: Callable[[dict], None], write_item: Callable[[dict], None]):
-        self.write_example, self.write_item = write_example, write_item
-        self.items = 0
-        self.last: list[dict] | None = None
-
-    def add(self, row: dict) -> None:
-        self.write_example(row)
-        messages = row["messages"]
-        if self.last is None or _pairs(messages[:len(self.last)]) != _pairs(self.last):
-            self._emit()
-        self.last = messages
-
-    def finish(self) -> int:
-        """Write the pending item; the number of items written."""
-        self._emit()
-        self.last = None
-        return self.items
-
-    def _emit(self) -> None:
-        item = chat_to_heldout(self.last, f"heldout-{self.items:06d}") if self.last else None
-        if item is not None:
-            self.write_item(item)
-            self.items += 1
 
 
 # ---------------------------------------------------------------------------------------- seed files
@@ -218,7 +191,7 @@ def add_seed_file(path: Path, write: Callable[[dict], None], *, max_tokens: int 
     kept = 0
     for _, messages, _ in within_limit(examples, max_tokens=max_tokens, count_tokens=count_tokens,
                                        on_too_long=lambda where, n: long.append(f"{where}: {check.too_long(n, max_tokens)}")):
-        write({"messages": messages})
+        write({"messages": messages, "meta": SEED_META})
         kept += 1
     return {"path": str(path), "sha256": _sha256(path), "format": "coqa" if is_coqa_file(path) else "chat",
             "examples": kept, "skipped": len(problems), "too_long": len(long),
@@ -240,26 +213,43 @@ def _iso(at: datetime | None) -> str | None:
     return at.isoformat() if at else None
 
 
-def _manifest(version, content_hash, counts: CurationCounts, seeds, config, since, until, tokenizer, folder: Path) -> dict:
+def _manifest(version, content_hash, counts: CurationCounts, seeds, capped: dict[str, int], config: CurationConfig,
+              window: tuple, tokenizer, folder: Path) -> dict:
     seed_examples = sum(s["examples"] for s in seeds)
+    c = counts.to_dict()
+    c["sources"]["train"]["seed"] = seed_examples
+    items = c["heldout_split"]["items"]
+    c.update(seed_examples=seed_examples, seed_too_long=sum(s["too_long"] for s in seeds), heldout_eval_items=items,
+             removed_by_share_cap=capped)
+    if any(capped.values()):  # what the files hold after the share cap
+        for name, file in CAPPED_FILES.items():
+            by_source = _source_counts(folder / file)
+            c["sources"][name] = by_source
+            c[name] = sum(n for source, n in by_source.items() if source != "seed")
+    c["train_total"] = c["train"] + seed_examples
     manifest = {
         "version": version,
         "hash": content_hash,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "window": {"since": _iso(since), "until": _iso(until),
-                   "first_turn_at": counts.first_turn_at, "last_turn_at": counts.last_turn_at},
-        "counts": {**counts.to_dict(), "seed_examples": seed_examples, "seed_too_long": sum(s["too_long"] for s in seeds),
-                   "train_total": counts.train + seed_examples},
+        "window": {"since": _iso(window[0]), "until": _iso(window[1]),
+                   "first_turn_at": c.pop("first_turn_at"), "last_turn_at": c.pop("last_turn_at")},
+        "counts": c,
+        "heldout": {**trust(operator_file=config.operator_heldout, trusted_keys=config.trusted_keys, items=items),
+                    "items": items, "split": "keyed hash of the conversation id with the store's secret salt"},
         "seed_files": seeds,
-        "config": {"max_tokens": config.max_tokens, "pii_scrub": config.pii_scrub,
-                   "heldout_fraction": config.heldout_fraction, "tokenizer": tokenizer},
-        "files": {name: _sha256(folder / name) for name in DATA_FILES},
+        "config": {"max_tokens": config.max_tokens, "pii_scrub": config.pii_scrub, "heldout_fraction": config.heldout_fraction,
+                   "trusted_keys": len(config.trusted_keys), "max_share_per_key": config.max_share_per_key,
+                   "tokenizer": tokenizer},
+        "files": {name: _sha256(folder / name) for name in HASHED_FILES},
     }
-    for key in ("first_turn_at", "last_turn_at"):
-        manifest["counts"].pop(key)
-    if counts.train + counts.heldout == 0:
+    if counts.train + counts.heldout + counts.preferences + counts.preference_pairs == 0:
         manifest["message"] = EMPTY_MESSAGE
     return manifest
+
+
+def _source_counts(path: Path) -> dict[str, int]:
+    with open(path, encoding="utf-8") as f:
+        return dict(Counter(json.loads(line)["meta"]["source"] for line in f if line.strip()))
 
 
 def export_jsonl(rows: Iterable[Any], out: str | Path, *, config: CurationConfig,
@@ -268,8 +258,7 @@ def export_jsonl(rows: Iterable[Any], out: str | Path, *, config: CurationConfig
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    config = CurationConfig(max_tokens=config.max_tokens, pii_scrub=config.pii_scrub, heldout_fraction=0.0,
-                            token_batch=config.token_batch)
+    config = replace(config, heldout_fraction=0.0)
     with open(tmp, "w", encoding="utf-8") as f:
         write = _line_writer(f)
         counts = curate(rows, config=config, count_tokens=count_tokens, sinks=Sinks(train=write, heldout=write))
@@ -277,12 +266,16 @@ def export_jsonl(rows: Iterable[Any], out: str | Path, *, config: CurationConfig
     return counts
 
 
-def latest_snapshot(root: str | Path) -> Snapshot | None:
-    """The most recently created snapshot under `root` (the snapshots folder), or None."""
+def iter_snapshots(root: str | Path, *, forgotten: bool = False) -> Iterator[Snapshot]:
+    """The snapshots under `root` (the snapshots folder), newest first; those `data forget`
+    emptied only with `forgotten=True` (the learner's replay must skip them)."""
     root = Path(root)
-    best = None
-    for manifest_path in root.glob("snap-*/manifest.json") if root.is_dir() else []:
-        manifest = json.loads(manifest_path.read_text())
-        if best is None or manifest["created_at"] > best.manifest["created_at"]:
-            best = Snapshot(manifest_path.parent, manifest)
-    return best
+    found = [Snapshot(p.parent, json.loads(p.read_text())) for p in root.glob("snap-*/manifest.json")] if root.is_dir() else []
+    for snap in sorted(found, key=lambda s: s.manifest["created_at"], reverse=True):
+        if forgotten or not snap.forgotten:
+            yield snap
+
+
+def latest_snapshot(root: str | Path) -> Snapshot | None:
+    """The most recently created snapshot under `root` that still holds its data, or None."""
+    return next(iter_snapshots(root), None)

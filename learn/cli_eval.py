@@ -92,13 +92,17 @@ def list_command(
     style: StyleOpt = None,
     config: ConfigOption = None,
 ) -> None:
-    """Every version, newest first; the prod one of each (kind, style) is marked with *."""
+    """Every version, newest first; the prod one of each (kind, style) is marked with *, and one
+    trained on a snapshot that `data forget` emptied is marked "forgotten" (retrain to drop it)."""
+    from feedback.forget import forgotten_snapshots
+
     reg = _registry(ctx, config)
     versions = reg.list(kind=kind, style=style)
+    forgotten = forgotten_snapshots(reg.db)
     # At most one version per (kind, style) is promoted: the one its prod pointer names.
     prod_names = {p.name for k, s in {(v.kind, v.style) for v in versions} if (p := reg.prod(k, s)) is not None}
     table = Table(title="adapter versions")
-    for col in ("", "version", "state", "parent", "EM", "F1", "created"):  # the name tells kind and style
+    for col in ("", "version", "state", "parent", "EM", "F1", "created", "data"):  # the name tells kind and style
         table.add_column(col, no_wrap=col in ("version", "state", "EM", "F1"))
     for v in versions:
         # the learner stores held-out scores under metrics.heldout.candidate (see learn/cycle.py)
@@ -106,7 +110,10 @@ def list_command(
         em, f1 = (f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "" for k in ("em", "f1"))
         table.add_row(
             "*" if v.name in prod_names else "", v.name, v.state, v.parent or "", em, f1, v.created_at.strftime("%Y-%m-%d %H:%M"),
+            "forgotten" if v.snapshot_hash in forgotten else "",
         )
+    if any(v.snapshot_hash in forgotten for v in versions):
+        table.caption = "forgotten: trained on a snapshot that held data deleted by `tunewheel data forget`; retrain to drop it"
     console.print(table if versions else "no adapter versions yet: `tunewheel learn run` trains the first")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from feedback.curate import CurationConfig
 from learn.train_config import TrainConfig
@@ -52,7 +52,25 @@ class LearnSettings(BaseModel):
     eval_max_tokens: int = Field(32, description="max_tokens of evaluation answers.")
     metrics_port: int | None = Field(None, description="Deprecated and ignored: the gateway's /metrics serves the learner's figures, "
                                                        "read from the store. Accepted so that older config files still load.")
-    pii_scrub: bool = Field(True, description="Replace e-mails, phone and card numbers with placeholders during curation.")
+    pii_scrub: bool = Field(True, description="Replace e-mail addresses, phone numbers, credit cards, IBANs, IP addresses and "
+                                              "national id numbers with placeholders during curation (presidio-analyzer's "
+                                              "recognizers; feedback/pii.py). The manifest counts what was replaced.")
+    trusted_keys: list[str] = Field(default_factory=list, description="API keys (sha256 hex, as in serve.api_keys) whose "
+                                    "conversations the operator trusts to score candidates: with any set, only their "
+                                    "conversations are held out of training, and that log-derived held-out set counts as "
+                                    "operator-controlled (promotion needs one, or learn.heldout_file).")
+    max_share_per_key: float | None = Field(None, gt=0, le=1, description="Most of a snapshot's training rows (each file: SFT, "
+                                            "KTO, DPO) one API key may contribute, e.g. 0.2; rows over it are dropped and "
+                                            "counted in the manifest. Rows without a key (an open gateway, seed files) are "
+                                            "never capped. None: no cap.")
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _hashed(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
+                raise ValueError("trusted_keys are key hashes: sha256 hex, as in serve.api_keys")
+        return keys
 
     @model_validator(mode="after")
     def _deprecated(self) -> LearnSettings:
@@ -64,9 +82,11 @@ class LearnSettings(BaseModel):
 
     def curation(self, max_tokens: int | None = None) -> CurationConfig:
         """How curation turns this learner's logs into data: token limit (default train.max_length; 0: none),
-        PII scrubbing and the held-out share."""
+        PII scrubbing, the held-out share and who may shape it, the per-key share cap."""
         limit = self.train.max_length if max_tokens is None else max_tokens
-        return CurationConfig(max_tokens=limit or None, pii_scrub=self.pii_scrub, heldout_fraction=self.heldout_fraction)
+        return CurationConfig(max_tokens=limit or None, pii_scrub=self.pii_scrub, heldout_fraction=self.heldout_fraction,
+                              trusted_keys=tuple(self.trusted_keys), max_share_per_key=self.max_share_per_key,
+                              operator_heldout=self.heldout_file)
 
 
 class RestyleSettings(BaseModel):

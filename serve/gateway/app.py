@@ -6,7 +6,7 @@
     POST /v1/chat/completions   GET /v1/models             routes_chat.py
     POST /v1/feedback                                      routes_feedback.py
     GET  /health  /ready  /metrics                         routes_health.py
-    /admin/...                  admin key only             routes_admin.py
+    /admin/...                  admin key only             routes_admin.py, routes_forget.py
 
 Every request passes the guard first (serve/gateway/guard.py: Host allowlist, per-key rate,
 requests in flight); every error leaves as an OpenAI error object, FastAPI's and Starlette's own
@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException
 from feedback.db import make_db
 from feedback.writer import TurnWriter
 from serve import metrics
-from serve.gateway import routes_admin, routes_chat, routes_feedback, routes_health
+from serve.gateway import routes_admin, routes_chat, routes_feedback, routes_forget, routes_health
 from serve.gateway.auth import Auth
 from serve.gateway.chat import ChatService
 from serve.gateway.guard import Guard
@@ -99,7 +99,7 @@ def create_app(settings: Settings, *, engine: Any = None, writer: TurnWriter | N
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _query_error)
-    for module in (routes_chat, routes_feedback, routes_health, routes_admin):
+    for module in (routes_chat, routes_feedback, routes_health, routes_admin, routes_forget):
         app.include_router(module.router)
     app.openapi = lambda: describe(app, settings)
     return app

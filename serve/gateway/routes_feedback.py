@@ -1,9 +1,15 @@
-"""The feedback route: a thumbs up or down on a completion id.
+"""The feedback route: a thumbs up or down on a completion id, and the answer the user wanted.
 
-    POST /v1/feedback   {"completion_id": "chatcmpl-...", "rating": "up"|"down", "comment"?: str} -> 201
+    POST /v1/feedback   {"completion_id": "chatcmpl-...", "rating": "up"|"down", "comment"?: str,
+                         "correction"?: str} -> 201
 
     curl -s localhost:8000/v1/feedback -H 'Content-Type: application/json' \
-         -d '{"completion_id":"chatcmpl-...","rating":"up"}'
+         -d '{"completion_id":"chatcmpl-...","rating":"down","correction":"Paris."}'
+
+A correction (any rating) becomes that turn's SFT target and the chosen side of a preference
+pair against the model's answer (feedback/curate.py); a later rating without one withdraws it.
+With `[store] scrub_at_write` the correction and comment are scrubbed of PII before they are
+stored, as the turns are.
 
 A rating may arrive right after its answer, before the turn writer has stored the turn, so it
 waits for that turn (up to FEEDBACK_WAIT_S); a turn still in the spool after that (the database
@@ -56,6 +62,8 @@ async def feedback(request: Request, gateway: GatewayDep, caller: FeedbackCaller
         raise APIError(503, "this completion is answered but not in the turn log's database yet (it is slow or "
                        "down; the turn is safe in the spool); retry shortly", type="service_unavailable",
                        code="turn_not_written_yet", headers={"Retry-After": "5"})
+    if gateway.settings.store.scrub_at_write:
+        rating = await asyncio.to_thread(scrubbed, rating)
     try:
         record, version = await asyncio.to_thread(store_rating, gateway.db, rating, caller,
                                                   serve.limits.max_feedback_per_completion)
@@ -73,6 +81,14 @@ async def feedback(request: Request, gateway: GatewayDep, caller: FeedbackCaller
     return JSONResponse(record, status_code=201)
 
 
+def scrubbed(rating: FeedbackCreate) -> FeedbackCreate:
+    """The rating with PII scrubbed from its comment and correction ([store] scrub_at_write)."""
+    from feedback.pii import scrub_text
+
+    return rating.model_copy(update={name: scrub_text(text) for name in ("comment", "correction")
+                                     if (text := getattr(rating, name)) is not None})
+
+
 def store_rating(db, rating: FeedbackCreate, caller: Caller, max_history: int) -> tuple[dict[str, Any], str]:
     """Store one rating; (the 201 body, the version that answered). LookupError / PermissionError / HistoryFull."""
     with Session(db) as session:
@@ -83,6 +99,6 @@ def store_rating(db, rating: FeedbackCreate, caller: Caller, max_history: int) -
                 raise PermissionError(rating.completion_id)
             raise HistoryFull(rating.completion_id)
         fb = record_feedback(session, turn_id=rating.completion_id, rating=rating.rating, comment=rating.comment,
-                             key_hash=caller.key_hash, admin=caller.admin)
+                             correction=rating.correction, key_hash=caller.key_hash, admin=caller.admin)
         version = session.get(Turn, fb.turn_id).adapter_version
         return FeedbackPublic.of(fb).model_dump(mode="json"), version

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from feedback.check import ChatDataError, check_file, load_token_counter, read_examples, validate_messages
+from feedback.check import ChatDataError, check_file, load_token_counter, read_examples, read_preferences, validate_messages
 from serve.cli import app as tunewheel_app
 
 MODEL = Path(__file__).resolve().parents[2] / ".pytest-data" / "models" / "SmolLM2-135M-Instruct"
@@ -38,6 +38,7 @@ BROKEN = {
     "`messages` is empty": json.dumps({"messages": []}),
     "empty line": "",
     "`weight` is allowed only on assistant": json.dumps({"messages": [{"role": "user", "content": "hi", "weight": 1}, {"role": "assistant", "content": "y"}]}),
+    "`meta.rating` must be up, down or null": line(("user", "hi"), ("assistant", "y"), meta={"key": None, "rating": "meh", "source": "rated"}),
 }
 
 
@@ -158,3 +159,63 @@ def test_real_tokenizer_limit_gives_the_same_lines_in_check_and_trainer(tmp_path
     lines = str(refused.value).splitlines()
     assert lines == printed_problems(result.output, path)
     assert [ln.split(":")[1] for ln in lines] == ["2", "3"] and "more than the limit of 64" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------- preference formats
+
+PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+KTO = {"prompt": PROMPT, "completion": [{"role": "assistant", "content": "Paris."}], "label": True,
+       "meta": {"key": None, "rating": "up", "source": "rated"}}
+DPO = {"prompt": PROMPT, "chosen": [{"role": "assistant", "content": "Paris."}], "rejected": [{"role": "assistant", "content": "Lyon."}],
+       "meta": {"key": "a" * 64, "rating": "down", "source": "corrected"}}
+BROKEN_KTO = {
+    "the prompt must end with a user message": {**KTO, "prompt": [*PROMPT, {"role": "assistant", "content": "Hm."}]},
+    "`completion` must be a list holding one assistant message": {**KTO, "completion": [{"role": "user", "content": "x"}]},
+    "`label` must be true": {**KTO, "label": "yes"},
+    "`completion` has no answer text": {**KTO, "completion": [{"role": "assistant", "content": " "}]},
+    "`meta.source` must be one of": {**KTO, "meta": {"key": None, "rating": "up", "source": "made-up"}},
+    "`meta.key` must be a sha256 hex string": {**KTO, "meta": {"key": "alice", "rating": "up", "source": "rated"}},
+    "missing `prompt`": {"completion": KTO["completion"], "label": False},
+}
+BROKEN_DPO = {
+    "`chosen` and `rejected` are the same answer": {**DPO, "rejected": DPO["chosen"]},
+    "missing `rejected`": {k: v for k, v in DPO.items() if k != "rejected"},
+    "prompt message 1 is assistant but user was expected": {**DPO, "prompt": [PROMPT[0], {"role": "assistant", "content": "x"},
+                                                                               PROMPT[1]]},
+}
+
+
+@pytest.mark.parametrize(("fmt", "good", "broken"), [("kto", KTO, BROKEN_KTO), ("dpo", DPO, BROKEN_DPO)])
+def test_preference_files_are_checked_with_line_numbers(tmp_path, fmt, good, broken):
+    path = tmp_path / f"{fmt}.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [good, *broken.values(), good]) + "\n")
+    report = check_file(path, fmt=fmt)
+    found = {p.line: p.message for p in report.problems}
+    for lineno, expected in enumerate(broken, start=2):
+        assert expected in found.get(lineno, ""), f"line {lineno}: expected {expected!r}, got {found.get(lineno)!r}"
+    assert report.examples == 2 and report.bad_lines == len(broken)
+    with pytest.raises(ChatDataError) as exc:
+        read_preferences(path, kind=fmt)
+    assert str(exc.value).splitlines() == report.problem_lines()
+    path.write_text(json.dumps(good) + "\n")
+    assert read_preferences(path, kind=fmt) == [good]
+
+
+def test_preference_rows_count_their_longest_answer_against_the_token_limit(tmp_path):
+    path = tmp_path / "dpo.jsonl"
+    long = {**DPO, "rejected": [{"role": "assistant", "content": "word " * 30}]}
+    path.write_text(json.dumps(DPO) + "\n" + json.dumps(long) + "\n")
+    words = lambda batch: [sum(len(m["content"].split()) for m in msgs) for msgs in batch]  # noqa: E731
+    report = check_file(path, fmt="dpo", max_tokens=20, count_tokens=words)
+    assert [(p.line, p.message) for p in report.problems] == [(2, "35 tokens, more than the limit of 20")]
+
+
+def test_cli_checks_a_preference_file_by_its_format(tmp_path):
+    path = tmp_path / "preferences.jsonl"
+    path.write_text(json.dumps(KTO) + "\n" + json.dumps({**KTO, "label": False}) + "\n" + json.dumps(BROKEN_KTO["`label` must be true"]) + "\n")
+    result = CliRunner().invoke(tunewheel_app, ["data", "check", str(path), "--max-tokens", "0"])
+    assert result.exit_code == 1
+    assert f"{path}:3: `label` must be true" in result.output and "2 valid KTO row(s), 1 desirable, 1 undesirable" in result.output
+    path.write_text(json.dumps(DPO) + "\n")
+    result = CliRunner().invoke(tunewheel_app, ["data", "check", str(path), "--max-tokens", "0", "--format", "dpo"])
+    assert result.exit_code == 0 and "1 valid DPO pair(s)" in result.output

@@ -75,6 +75,23 @@ def test_same_words_under_another_key_do_not_join(db):
     assert c2 != c1 and c3 == c1
 
 
+def test_a_foreign_conversation_id_starts_a_new_conversation(db):
+    alice, mallory = "a" * 64, "b" * 64
+    (c1,) = write(db, turn("t1", [user("my secret plan")], "noted", key_hash=alice, conversation_id="support-1"))
+    (c2,) = write(db, turn("t2", [user("inject this")], "ok", key_hash=mallory, conversation_id="support-1"))
+    (c3,) = write(db, turn("t3", [user("and this")], "ok", key_hash=mallory, conversation_id="support-1"))
+    (c4,) = write(db, turn("t4", [user("go on")], "ok", key_hash=alice, conversation_id="support-1"))
+    assert c1 == c4 == "support-1" and c2 == c3 != c1  # mallory threads in a conversation of its own
+    with Session(db) as s:
+        assert [t.id for t in conversation_turns(s, "support-1")] == ["t1", "t4"]
+        assert s.get(Conversation, c2).key_hash == mallory and s.get(Conversation, c1).key_hash == alice
+    # taking the id alice's turns would be derived to does not pull her in either
+    (c5,) = write(db, turn("t5", [user("x")], "y", key_hash=mallory, conversation_id="support-2"))
+    (c6,) = write(db, turn("t6", [user("x")], "y", key_hash=alice, conversation_id="support-2"))
+    (c7,) = write(db, turn("t7", [user("x")], "y", key_hash=mallory, conversation_id=c6))
+    assert c5 == "support-2" and c6 != c5 and c7 != c6
+
+
 def test_a_repeated_id_is_dropped(db):
     assert write(db, turn("dup", [user("first")], "kept"))[0] is not None
     assert write(db, turn("dup", [user("second")], "dropped")) == [None]

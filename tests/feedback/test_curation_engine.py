@@ -1,5 +1,5 @@
 """Chat through the real engine, rate answers through the API, curate: exactly the up-rated
-answers become training targets.
+answers and the corrections become training targets.
 
     TUNEWHEEL_TEST_ENGINE_URL=http://127.0.0.1:8101 pytest -m engine tests/feedback/test_curation_engine.py
 """
@@ -27,8 +27,8 @@ def ask(client, messages: list[dict], conversation: str) -> tuple[str, str]:
     return reply.id, reply.choices[0].message.content
 
 
-def rate(gateway, completion_id: str, rating: str) -> None:
-    response = httpx.post(f"{gateway.url}/v1/feedback", json={"completion_id": completion_id, "rating": rating}, timeout=30)
+def rate(gateway, completion_id: str, rating: str, **extra) -> None:
+    response = httpx.post(f"{gateway.url}/v1/feedback", json={"completion_id": completion_id, "rating": rating, **extra}, timeout=30)
     assert response.status_code == 201, response.text
 
 
@@ -40,7 +40,7 @@ def targets(path) -> list[str]:
     return out
 
 
-def test_only_up_rated_answers_become_targets(gateway, model_dir, tmp_path):
+def test_only_up_rated_answers_and_corrections_become_targets(gateway, model_dir, tmp_path):
     client = gateway.client()
     history = [{"role": "system", "content": "Answer in one short sentence."}]
     answers = {}
@@ -58,8 +58,8 @@ def test_only_up_rated_answers_become_targets(gateway, model_dir, tmp_path):
     rate(gateway, answers["paris2"][0], "down")
     rate(gateway, answers["cats"][0], "down")
     rate(gateway, answers["cats"][0], "up")  # rating again replaces the rating
-    rate(gateway, answers["sky"][0], "down")
-    up = {answers["paris1"][1], answers["cats"][1]}
+    rate(gateway, answers["sky"][0], "down", correction="Because air scatters blue light the most.")
+    up = {answers["paris1"][1], answers["cats"][1], "Because air scatters blue light the most."}
 
     snap = build_snapshot(iter_log(gateway.db), root=tmp_path / "snapshots", config=CurationConfig(max_tokens=1024, heldout_fraction=0.0),
                           count_tokens=load_token_counter(model_dir))
@@ -72,7 +72,11 @@ def test_only_up_rated_answers_become_targets(gateway, model_dir, tmp_path):
     assert (counts["turns"], counts["conversations"], counts["rated_up"], counts["rated_down"], counts["unrated"]) == (5, 3, 2, 2, 1)
     labels = {(json.loads(line)["completion"][0]["content"], json.loads(line)["label"])
               for line in (snap.path / "preferences.jsonl").read_text().splitlines()}
-    assert labels == {(answers["paris1"][1], True), (answers["paris2"][1], False), (answers["cats"][1], True), (answers["sky"][1], False)}
+    assert labels == {(answers["paris1"][1], True), (answers["paris2"][1], False), (answers["cats"][1], True), (answers["sky"][1], False),
+                      ("Because air scatters blue light the most.", True)}
+    [pair] = [json.loads(line) for line in (snap.path / "preference_pairs.jsonl").read_text().splitlines()]
+    assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == ("Because air scatters blue light the most.", answers["sky"][1])
+    assert check_file(snap.path / "preference_pairs.jsonl", fmt="dpo").ok and check_file(snap.path / "preferences.jsonl", fmt="kto").ok
 
     # the same through the CLI, as a user would: export, then check the file
     config = tmp_path / "tunewheel.toml"

@@ -19,7 +19,7 @@ from feedback import models  # noqa: F401  (the tables compared with the migrate
 from feedback.db import MIGRATIONS_DIR, alembic_config, make_db
 from tests.feedback.turns import count_turns, turn, user, write
 
-TURN_LOG_TABLES = {"conversation", "turn", "feedback"}
+TURN_LOG_TABLES = {"conversation", "turn", "feedback", "deletion", "store_secret"}
 
 
 def schema_drift(engine):

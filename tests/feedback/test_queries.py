@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 
 from feedback.db import make_db
 from feedback.models import Feedback, Turn
-from feedback.queries import conversation_turns, iter_log, iter_turns, rated_turns, record_feedback
+from feedback.queries import conversation_turns, iter_log, iter_turns, rated_turns, record_feedback, store_secret
 from feedback.writer import TurnWriter
 from tests.feedback.turns import bot, turn, user, write
 
@@ -38,6 +38,24 @@ def test_rating_again_replaces_the_rating_and_keeps_history(db):
         assert t.rating == "down" and t.rated_at == second.created_at
         history = s.exec(select(Feedback).where(Feedback.turn_id == "t1").order_by(Feedback.id)).all()
         assert [(f.rating, f.comment) for f in history] == [("up", "nice"), ("down", None)]
+
+
+def test_a_correction_is_kept_with_its_rating_and_withdrawn_by_a_later_rating_without_one(db):
+    write(db, turn("t1", [user("Capital of France?")], "Lyon."))
+    with Session(db) as s:
+        fb = record_feedback(s, turn_id="t1", rating="down", comment=None, key_hash=None, admin=False, correction="Paris.")
+        assert fb.correction == "Paris." and s.get(Turn, "t1").correction == "Paris."
+        record_feedback(s, turn_id="t1", rating="up", comment=None, key_hash=None, admin=False)
+    with Session(db) as s:
+        assert s.get(Turn, "t1").correction is None and s.get(Turn, "t1").rating == "up"
+        assert [f.correction for f in s.exec(select(Feedback).order_by(Feedback.id))] == ["Paris.", None]
+    assert [r["correction"] for r in iter_log(db)] == [None]
+
+
+def test_the_store_secret_is_made_once_and_kept(db, tmp_path):
+    first = store_secret(db, "heldout_salt")
+    assert len(first) == 64 and store_secret(db, "heldout_salt") == first
+    assert make_db(f"sqlite:///{tmp_path}/sub/dir/tunewheel.db") and store_secret(db, "other") != first
 
 
 def test_unknown_completion_id_is_a_lookup_error_and_a_bad_rating_a_value_error(db):
@@ -93,7 +111,7 @@ def test_iter_log_gives_curations_columns_in_the_same_order_and_window(db):
     rows = list(iter_log(db, batch=3))
     assert [r["id"] for r in rows] == [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(5)]
     assert set(rows[0]) == {"id", "conversation_id", "seq", "created_at", "request_messages", "answer", "raw_answer",
-                            "style", "status", "rating"}
+                            "style", "status", "rating", "correction", "key_hash"}
     naive = (BASE + timedelta(minutes=4)).replace(tzinfo=None)  # what `data curate --since` passes: taken as UTC
     assert [r["id"] for r in iter_log(db, since=naive, until=BASE + timedelta(minutes=8))] == ["a2", "a3", "b2", "b3"]
 

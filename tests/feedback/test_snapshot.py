@@ -6,7 +6,10 @@ whose train.jsonl always passes the validator; `data curate` and `data export` o
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
+from dataclasses import replace
 
 import pytest
 from sqlmodel import Session
@@ -14,7 +17,7 @@ from typer.testing import CliRunner
 
 from feedback.check import check_file
 from feedback.conversations import add_turn
-from feedback.curate import CurationConfig
+from feedback.curate import CurationConfig, key_digest
 from feedback.db import make_db
 from feedback.models import TurnCreate
 from feedback.queries import record_feedback
@@ -52,18 +55,22 @@ def test_snapshot_is_immutable_and_hash_is_stable(tmp_path):
     assert m["counts"]["removed"]["exact_duplicate"] == 0 and m["window"]["first_turn_at"] == "2025-01-01T00:00:00"
     for name in ("train.jsonl", "heldout.jsonl"):
         assert check_file(first.path / name).ok
+    for name, fmt in (("preferences.jsonl", "kto"), ("preference_pairs.jsonl", "dpo")):
+        assert check_file(first.path / name, fmt=fmt).ok
     heldout_eval = [json.loads(line) for line in (first.path / "heldout_eval.jsonl").read_text().splitlines()]
-    # one item per held-out conversation: its longest example (turn 3 of 3), the story from the system prompt
+    # one item per held-out conversation, the story from the system prompt, its turns up to the
+    # first without a trusted gold answer (turn 2 was rated down)
     assert len(heldout_eval) == m["counts"]["heldout"] // 2 == m["counts"]["heldout_eval_items"]
     assert heldout_eval[0]["story"] == "Be brief."
-    assert [t["answers"] for t in heldout_eval[0]["turns"]] == [["I am a bot."], ["Paris is the capital."], ["About 2 million."]]
+    assert [t["answers"] for t in heldout_eval[0]["turns"]] == [["I am a bot."]]
+    assert m["heldout"]["trusted"] is False and "learn.trusted_keys" in m["heldout"]["why"]
     third = build_snapshot(rows[:-3], root=tmp_path, config=config)
     assert third.manifest["hash"] != first.manifest["hash"]
 
 
 def test_empty_log_gives_an_empty_snapshot_with_a_message(tmp_path):
     snap = build_snapshot([], root=tmp_path, config=CurationConfig())
-    assert snap.manifest["counts"]["train"] == 0 and "no up-rated" in snap.manifest["message"]
+    assert snap.manifest["counts"]["train"] == 0 and "no rated or corrected" in snap.manifest["message"]
     assert (snap.path / "train.jsonl").read_text() == ""
 
 
@@ -138,7 +145,7 @@ def test_cli_curate_of_an_empty_log_says_so(tmp_path):
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
     result = CliRunner().invoke(tunewheel_app, ["data", "curate", "--max-tokens", "0", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    assert "no up-rated" in result.output
+    assert "no rated or corrected" in result.output
     assert list((tmp_path / "data" / "datasets" / "snapshots").glob("snap-*/train.jsonl"))
 
 
@@ -196,3 +203,71 @@ def test_create_snapshot_reads_the_store_and_latest_snapshot_finds_it(tmp_path, 
                            tokenizer="my-model")
     assert snap.manifest["counts"]["train"] == 1 and snap.manifest["config"]["tokenizer"] == "my-model"
     assert latest_snapshot(root).path == snap.path
+
+
+# ---------------------------------------------------------------------------------------- trust, sources, share cap
+
+
+def test_every_row_records_its_key_and_rating_and_every_file_passes_the_validator(tmp_path):
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text(json.dumps({"messages": [msg(U, "q"), msg(A, "a")]}) + "\n")
+    rows = [turn("k", 0, [msg(U, "Capital of France?")], "Lyon.", "down", correction="Paris.", key_hash="a" * 64),
+            turn("k", 1, [msg(U, "Capital of France?"), msg(A, "Lyon."), msg(U, "Of Italy?")], "Rome.", "up", key_hash="a" * 64),
+            turn("n", 0, [msg(U, "Capital of France?")], "Paris, of course.", "up"),
+            turn("d", 0, [msg(U, "Capital of France?")], "Paris.", "up")]
+    snap = build_snapshot(rows, root=tmp_path / "snaps", config=CurationConfig(heldout_fraction=0.0), seed_files=[seed])
+    lines = {name: [json.loads(x) for x in (snap.path / name).read_text().splitlines()]
+             for name in ("train.jsonl", "preferences.jsonl", "preference_pairs.jsonl")}
+    key = hashlib.sha256(("a" * 64).encode()).hexdigest()
+    # conversation d's example repeats k's corrected one word for word: a duplicate
+    assert [r["meta"] for r in lines["train.jsonl"]] == [
+        {"key": key, "rating": "down", "source": "corrected"}, {"key": key, "rating": "up", "source": "rated"},
+        {"key": None, "rating": "up", "source": "rated"}, {"key": None, "rating": None, "source": "seed"}]
+    # corrected: Paris. over Lyon. (k); pair: Paris, of course. over Lyon. (d's Paris. over Lyon. repeats k's pair)
+    assert sorted(r["meta"]["source"] for r in lines["preference_pairs.jsonl"]) == ["corrected", "pair"]
+    for name, fmt in (("train.jsonl", "chat"), ("preferences.jsonl", "kto"), ("preference_pairs.jsonl", "dpo")):
+        assert check_file(snap.path / name, fmt=fmt).ok, check_file(snap.path / name, fmt=fmt).problem_lines()
+    counts = snap.manifest["counts"]
+    assert counts["sources"]["train"] == {"rated": 2, "corrected": 1, "seed": 1} and counts["corrected"] == 1
+    assert counts["removed"]["exact_duplicate"] == 1 and counts["removed_pairs"]["exact_duplicate"] == 1
+    sources = [json.loads(x) for x in (snap.path / "sources.jsonl").read_text().splitlines()]
+    assert {(s["kind"], s["sha256"]) for s in sources} == {
+        ("key", key), *(("conversation", hashlib.sha256(c).hexdigest()) for c in (b"k", b"n"))}  # d's rows all repeat k's
+
+
+def test_the_manifest_says_whether_an_operator_controls_the_heldout_set(tmp_path):
+    trusted = "b" * 64
+    rows = [t for i in range(20) for t in three_turns(f"c{i}", ("up", "up", "up")) if not t.update(key_hash=trusted)]
+    config = CurationConfig(heldout_fraction=0.5, heldout_salt="s")
+    assert build_snapshot(rows, root=tmp_path / "a", config=config).manifest["heldout"]["trusted"] is False
+    operator = replace(config, operator_heldout="ops/heldout.json")
+    assert build_snapshot(rows, root=tmp_path / "b", config=operator).manifest["heldout"]["trusted"] is True
+    m = build_snapshot(rows, root=tmp_path / "c", config=replace(config, trusted_keys=(trusted,))).manifest
+    assert m["heldout"]["trusted"] is True and m["heldout"]["items"] == m["counts"]["heldout_eval_items"] > 0
+    m = build_snapshot(rows, root=tmp_path / "d", config=replace(config, trusted_keys=("c" * 64,))).manifest
+    assert m["heldout"]["trusted"] is False and m["counts"]["heldout_split"]["untrusted_key_conversations"] == 20
+
+
+def test_max_share_per_key_holds(tmp_path):
+    """One key answers most of the log: capped at 25% of each training file; keyless rows never capped."""
+    big, small = "d" * 64, "e" * 64
+    rows = []
+    for i, key in enumerate([big] * 30 + [small] * 5 + [None] * 10):
+        q = [msg(U, f"Question {i}?")]
+        rows += [turn(f"c{i:03d}", 0, q, f"Answer {i}.", "down" if i % 3 == 0 else "up", key_hash=key,
+                      correction=f"Better {i}." if i % 3 == 0 else None)]
+    config = CurationConfig(heldout_fraction=0.0, max_share_per_key=0.25)
+    snap = build_snapshot(rows, root=tmp_path / "capped", config=config)
+    uncapped = build_snapshot(rows, root=tmp_path / "uncapped", config=replace(config, max_share_per_key=None))
+
+    def keys(folder, name):
+        return Counter(json.loads(x)["meta"]["key"] for x in (folder / name).read_text().splitlines())
+
+    for name in ("train.jsonl", "preferences.jsonl", "preference_pairs.jsonl"):
+        capped, before = keys(snap.path, name), keys(uncapped.path, name)
+        total = sum(capped.values())
+        assert all(n <= 0.25 * total for k, n in capped.items() if k is not None), (name, capped)
+        assert capped[None] == before[None] > 0 and capped[key_digest(big)] < before[key_digest(big)]
+    counts = snap.manifest["counts"]
+    assert counts["removed_by_share_cap"]["train"] > 0 and counts["train"] == len((snap.path / "train.jsonl").read_text().splitlines())
+    assert sum(counts["sources"]["train"].values()) == counts["train"]

@@ -27,6 +27,7 @@ REQUIRED = {
     "data export": ["--out", "x.jsonl"],
     "data check": ["x.jsonl"],
     "data curate": [],
+    "data forget": ["--conversation", "x"],
     "data import-coqa": ["x.json"],
     "data synth-coqa": ["--stories", "1"],
     "learn run": [],
