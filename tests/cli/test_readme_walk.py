@@ -192,7 +192,7 @@ def _chat_rate_and_curate(walk: Walk, url: str, key: str, prom: Prometheus) -> N
         return "from 2 turns" in out and out
     out = wait_for(exported, "both turns in the log", timeout=30)
     assert out.strip() == ("curated.jsonl: 1 example(s) from 2 turns (1 rated up, 0 rated down, 0 rated but incomplete "
-                           "or failed, 1 unrated); removed: none"), out
+                           "or failed, 1 unrated, 0 corrected); removed: none"), out
     example = json.loads((walk.folder / "curated.jsonl").read_text())
     assert example["messages"][-1] == {"role": "assistant", "content": reply.choices[0].message.content}
     checked = walk.run(walk.readme("tunewheel data check --config tunewheel.toml curated.jsonl")).stdout
