@@ -34,7 +34,7 @@ from serve.gateway.auth import Caller
 from serve.gateway.protocol import APIError, ChatCompletionRequest, engine_payload, not_ready, upstream_error
 from serve.gateway.relay import InFlight, Relay, RelayResponse, TurnRecorder, rejected
 from serve.gateway.restyle import RestyleStep
-from serve.routing import Route, Router, UnknownModel
+from serve.routing import NotServed, Route, Router, UnknownModel
 
 
 class ChatService:
@@ -97,6 +97,9 @@ class ChatService:
         except UnknownModel as exc:
             rejected(404)
             raise APIError(404, str(exc), type="not_found_error", code="model_not_found", param="model") from exc
+        except NotServed as exc:  # its version is loading (gateway start, engine restart): retry, not 404
+            rejected(503)
+            raise not_ready(str(exc)) from exc
 
     async def _load_pinned(self, route: Route) -> None:
         try:
@@ -126,6 +129,9 @@ class ChatService:
                                code="engine_timeout") from exc
             if response.status_code != 200:
                 try:
+                    if response.status_code == 404 and flight.route.version != self.router.base:
+                        self.router.table.lost(flight.route.version)  # the engine lost it: reload, retry
+                        raise not_ready(f"adapter {flight.route.version} is being reloaded into the engine")
                     raise upstream_error(response.status_code, await response.aread())
                 finally:
                     await response.aclose()

@@ -185,7 +185,7 @@ async def test_pinned_versions_load_on_demand_only_when_servable(world):
 async def test_periodic_loop_picks_up_a_promotion_from_another_process(world):
     registry, engine, new_version, gateway = world
     aliases, rec = gateway()
-    rec.start(interval_s=0.05)
+    await rec.start(interval_s=0.05)
     try:
         v1 = new_version()
         registry.promote(v1)  # e.g. `tunewheel adapters promote` in another process
