@@ -53,6 +53,12 @@ class LearnSettings(BaseModel):
     metrics_port: int | None = Field(None, description="Deprecated and ignored: the gateway's /metrics serves the learner's figures, "
                                                        "read from the store. Accepted so that older config files still load.")
     pii_scrub: bool = Field(True, description="Replace e-mails, phone and card numbers with placeholders during curation.")
+    promotion_wait_s: float = Field(300.0, gt=0, description="How long a promotion (the learner's, `tunewheel adapters "
+                                    "promote`) waits for a gateway to load and warm the version before it is called off, "
+                                    "production unchanged.")
+    cycle_timeout_s: float = Field(6 * 3600.0, gt=0, description="A learner cycle running longer is given up: training gets "
+                                   "what is left of it (the child is killed after that), and the learner lock stops being "
+                                   "refreshed, so another learner may start.")
 
     @model_validator(mode="after")
     def _deprecated(self) -> LearnSettings:
