@@ -144,6 +144,7 @@ class Reconciler:
                 await self.load(target.version, target.path)
             except httpx.HTTPError as exc:  # engine down or restarting: leave the table as it is
                 self._note(f"alias {alias}: the engine did not answer ({type(exc).__name__}: {exc})", logging.WARNING)
+                self.table.loading[alias] = target.version
                 return False
             except AdapterLoadError as exc:
                 self._note(f"alias {alias} cannot be served from {target.version}: {exc}")
@@ -179,6 +180,7 @@ class Reconciler:
 
     def _set(self, alias: str, version: str, target: str) -> None:
         """Route `alias` to `version`; a version other than its `target` is a fallback, counted and logged."""
+        self.table.loading.pop(alias, None)
         if self.table.resolve(alias) != version:
             log.info("alias %s -> %s (was %s)", alias, version, self.table.resolve(alias))
             self.table.set(alias, version)
@@ -254,7 +256,11 @@ class Reconciler:
             if await self._leased_elsewhere(version):
                 return  # still in _retiring: a later pass tries again
             self._retiring.discard(version)
-            await self.unload(version)
+            if version in await self.models():  # another replica may have unloaded it already
+                await self.unload(version)
+            else:
+                self._owned.discard(version)
+                self.table.loaded.discard(version)
         except Exception:
             log.exception("could not unload %s", version)
         finally:

@@ -125,6 +125,7 @@ class AliasTable:
         # False until the reconciler has matched the aliases to the registry once, and again from
         # an engine restart until it has reloaded them: aliases are not served meanwhile.
         self.synced = synced
+        self.loading: dict[str, str] = {}  # alias -> the version the reconciler is trying to put it on
         self.wake = asyncio.Event()  # set when serving found the engine without a version: reconcile now
         for alias in aliases:
             self.set(alias, base)
@@ -145,8 +146,8 @@ class AliasTable:
         return self.synced and (version == self.base or version in self.loaded)
 
     def unserved(self) -> dict[str, str]:
-        """alias -> version, for every alias that does not answer now (what /ready waits for)."""
-        return {alias: version for alias, version in self._aliases.items() if not self.serves(alias)}
+        """alias -> the version it waits for, for every alias that does not answer now (what /ready waits for)."""
+        return {alias: self.loading.get(alias, version) for alias, version in self._aliases.items() if not self.serves(alias)}
 
     def lost(self, version: str) -> None:
         """The engine answered that it does not have `version` (restarted, or unloaded by someone else):
@@ -233,7 +234,7 @@ class Router:
         elif model in self.table:
             version = self.table.resolve(model)
             if not self.table.serves(model):
-                raise NotServed(model, version)
+                raise NotServed(model, self.table.loading.get(model, version))
         elif (version := pinned_version(model)) is not None:
             if self.registry is not None:
                 load = await asyncio.to_thread(self.pinned, version)

@@ -5,7 +5,7 @@
         CliRunner().invoke(app, ["adapters", "promote", "chat-v0002"])
 
 Like serve/reconcile.py's pass: claim the pending promotions (learn/promotion.py), "load" each
-(a version in `refuse` fails as an engine refusal would), then finish it, which is the registry's
+(a version in `refuse`, or any with `refuse_all`, fails as an engine refusal would), then finish it, which is the registry's
 compare-and-swap. `loaded` lists what was loaded, in order.
 """
 
@@ -18,15 +18,17 @@ from learn.registry import Registry, RegistryError
 
 
 class FakeGateway:
-    def __init__(self, registry: Registry, *, refuse: set[str] | frozenset = frozenset(), name: str = "fake-gateway"):
-        self.registry, self.refuse, self.name = registry, set(refuse), name
+    def __init__(self, registry: Registry, *, refuse: set[str] | frozenset = frozenset(), refuse_all: bool = False,
+                 name: str = "fake-gateway"):
+        self.registry, self.refuse, self.refuse_all, self.name = registry, set(refuse), refuse_all, name
         self.loaded: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def run_pass(self) -> None:
         for row, version in promotion.claim(self.registry, self.name):
-            error = f"engine refused adapter {version.name}: HTTP 400 (weights do not fit)" if version.name in self.refuse else None
+            refused = self.refuse_all or version.name in self.refuse
+            error = f"engine refused adapter {version.name}: HTTP 400 (weights do not fit)" if refused else None
             if error is None:
                 self.loaded.append(version.name)
             try:

@@ -35,9 +35,9 @@ def upgrade() -> None:
         sa.Column("requested_by", sa.String(length=64), nullable=False),
         sa.Column("claimed_by", sa.String(length=200), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.Column("deadline", sa.DateTime(), nullable=False),
-        sa.Column("finished_at", sa.DateTime(), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("deadline", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     )
     op.create_index("ix_promotion_key", "promotion", ["key"])
     op.create_index("ix_promotion_state", "promotion", ["state"])
@@ -46,8 +46,8 @@ def upgrade() -> None:
         sa.Column("id", sa.String(length=200), primary_key=True),
         sa.Column("engine_url", sa.String(length=500), nullable=False),
         sa.Column("versions", sa.JSON(), nullable=False),
-        sa.Column("started_at", sa.DateTime(), nullable=False),
-        sa.Column("heartbeat_at", sa.DateTime(), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_index("ix_serving_replica_engine_url", "serving_replica", ["engine_url"])
 
