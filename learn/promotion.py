@@ -43,7 +43,6 @@ from sqlalchemy import Column, Text, func, select, update
 from sqlmodel import Field, Session, SQLModel
 
 from learn.registry import (
-    UNCHECKED,
     AdapterVersion,
     Change,
     ChampionMoved,
@@ -201,6 +200,8 @@ def claim(registry: Registry, replica: str, kind: str = "chat") -> list[tuple[Pr
     """Pending promotions of `kind` that no replica has taken, now `replica`'s to load and finish (one
     replica each: an atomic UPDATE takes it); overdue ones are expired on the way."""
     with Session(registry.db, expire_on_commit=False) as s:
+        if s.execute(select(Promotion.id).where(Promotion.state == PENDING).limit(1)).first() is None:
+            return []  # the usual case, read-only: no write lock taken every pass
         _expire(s)
         s.commit()
         ids = s.execute(select(Promotion.id).where(Promotion.state == PENDING, Promotion.kind == kind,

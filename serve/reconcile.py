@@ -55,6 +55,7 @@ from serve.routing import Router, Target
 log = logging.getLogger("tunewheel.reconcile")
 
 PINNED_IDLE_S = 600.0
+HEARTBEAT_S = 10.0  # well within learn.replicas.REPLICA_TTL_S
 FIRST_PASS_S = 30.0  # how long start() waits for the first pass before serving goes on without it
 
 class Reconciler:
@@ -82,6 +83,7 @@ class Reconciler:
         self._retiring: set[str] = set()  # to unload once drained and no other replica leases them
         self._unloading: set[str] = set()
         self._targets: dict[str, Target] | None = None  # the last targets read from the registry
+        self._beat: tuple[float, set[str] | None] = (0.0, None)  # when this replica last told the registry, and what
         self.off_target: dict[str, str] = {}  # alias -> the target it should serve but cannot
         self._task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # for callers on other threads (the learner)
@@ -220,9 +222,13 @@ class Reconciler:
                 moved = True
             except RegistryError as exc:  # fell back, superseded, or called off meanwhile
                 log.warning("promotion %s of %s: %s", row.id, row.version, exc)
-                if version.name in self._owned and version.name not in self.table.aliases().values():
-                    self._retiring.add(version.name)
+                self.discard(version.name)
         return moved
+
+    def discard(self, version: str) -> None:
+        """`version` was loaded for a promotion that did not happen: unload it once nothing uses it."""
+        if version in self._owned and version not in self.in_use():
+            self._retiring.add(version)
 
     # --- unloading -----------------------------------------------------------------------
     def in_use(self) -> set[str]:
@@ -230,10 +236,13 @@ class Reconciler:
         return {*self.table.aliases().values(), *self._pinned_used, *self.table.busy()} - {self.base_name}
 
     async def _heartbeat(self) -> None:
-        if self.leases is None:
+        """Tell the other replicas what this one uses: when that changed, else every HEARTBEAT_S."""
+        using = self.in_use()
+        if self.leases is None or (using == self._beat[1] and time.monotonic() - self._beat[0] < HEARTBEAT_S):
             return
         try:
-            await asyncio.to_thread(self.leases.beat, self.in_use())
+            await asyncio.to_thread(self.leases.beat, using)
+            self._beat = (time.monotonic(), using)
         except Exception as exc:  # the database is down: other replicas see our last row, which is the safe side
             self._note(f"replica heartbeat failed: {exc}", logging.WARNING)
 
@@ -272,6 +281,7 @@ class Reconciler:
             return False
         try:
             await asyncio.to_thread(self.leases.beat, self.in_use())  # our row no longer lists it
+            self._beat = (time.monotonic(), self.in_use())
             others = await asyncio.to_thread(self.leases.others_using, version)
         except Exception as exc:
             self._note(f"replica leases could not be read ({exc}); {version} stays loaded for now", logging.WARNING)

@@ -74,6 +74,7 @@ async def promote(gateway: GatewayDep, version: str, expected: str | None = None
             promotion.promote, registry, version, requested_by="admin", load=load, max_rank=gateway.settings.lora_capacity,
             expected=UNCHECKED if expected is None else (None if expected == "base" else expected))
     except RegistryError as exc:
+        reconciler.discard(version)  # loaded for nothing (prod moved meanwhile): it leaves the engine again
         raise HTTPException(409, f"{exc}; production was not changed") from exc
     served = await reconciler.reconcile()
     return {"change": change.describe(), "previous": change.previous, "prod": version, "aliases": served}
