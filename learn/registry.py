@@ -27,8 +27,9 @@ the version below the top, or to the base model when there is none; `last_good()
 rollback would reach, which is what serving falls back to when prod will not load. A promotion
 is a compare-and-swap: `expected` names the prod version the caller decided against, and when
 the pointer has moved since (an operator's rollback while the learner trained) it refuses with
-ChampionMoved. The gateway's reconciler reads `prod()` and converges the engine on it. Every method opens its own
-short session, so the registry is safe to share between threads and request handlers.
+ChampionMoved. The gateway's reconciler reads `prod()` and converges the engine on it. Every
+method opens its own short session, so the registry is safe to share between threads and
+request handlers.
 """
 
 from __future__ import annotations
