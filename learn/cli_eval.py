@@ -7,8 +7,14 @@
 
 `eval` first checks in seconds that the data parses and that the gateway answers, takes the key
 (`--api-key` or TUNEWHEEL_API_KEY) and serves the model (learn/preflight.py); then it prints EM
-and F1 overall and per source and writes the report JSON (default under <data dir>/runs/). The adapters commands work on the registry in the store database; a
-running gateway picks up a promotion or rollback through its reconciler.
+and F1 overall and per source and writes the report JSON (default under <data dir>/runs/). The
+adapters commands work on the registry in the store database. `promote`
+takes the one promotion path (learn/promotion.py): it records the request, a running gateway's
+reconciler loads and warms the version and then moves prod (only if prod is still what it was,
+or `--expect`), and the command waits for that outcome; a version the engine will not load, or
+whose LoRA rank is beyond the engine's capacity, leaves production as it was. No gateway within
+`--wait` seconds: the request is called off. `rollback` moves prod back at once; the gateways
+converge on it.
 """
 
 from __future__ import annotations
@@ -79,10 +85,14 @@ def eval_command(
 
 
 def _registry(ctx: typer.Context, config: Path | None):
+    return _registry_of(load(ctx, config))
+
+
+def _registry_of(settings):
     from feedback.db import make_db
     from learn.registry import Registry
 
-    return Registry(make_db(load(ctx, config).store_url))
+    return Registry(make_db(settings.store_url))
 
 
 @adapters_app.command("list")
@@ -121,13 +131,27 @@ def list_command(
 def promote_command(
     ctx: typer.Context,
     version: Annotated[str, typer.Argument(help="Version name, e.g. chat-v0003.")],
+    expect: Annotated[Optional[str], typer.Option("--expect", help="The prod version this replaces (`base`: the base "
+                                                  "model); refused if prod is elsewhere. Default: prod as it is now.")] = None,
+    wait: Annotated[Optional[float], typer.Option("--wait", help="Seconds to wait for a gateway to load it "
+                                                  "(default learn.promotion_wait_s); then it is called off.")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Make VERSION the prod version of its kind (the current one is retired)."""
-    from learn.registry import RegistryError
+    """Make VERSION the prod version of its kind, through the running gateways: one of them loads and
+    warms it first, then prod moves (the current version is retired). If the engine will not load it,
+    production stays where it is and this says why."""
+    from learn.promotion import promote
+    from learn.registry import UNCHECKED, RegistryError
 
+    settings = load(ctx, config)
+    reg = _registry_of(settings)
+    wait_s = settings.learn.promotion_wait_s if wait is None else wait
+    v = reg.get(version)
+    if v is not None and v.kind == "chat":
+        console.print(f"asking the gateways to load {version} (waiting up to {wait_s:g} s) ...", markup=False, highlight=False)
     try:
-        change = _registry(ctx, config).promote(version)
+        change = promote(reg, version, requested_by="cli", max_rank=settings.lora_capacity, wait_s=wait_s,
+                         expected=UNCHECKED if expect is None else (None if expect == "base" else expect))
     except RegistryError as exc:
         fail(str(exc))
     console.print(f"promoted {change.describe()}", markup=False, highlight=False)

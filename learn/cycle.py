@@ -7,9 +7,9 @@
 `run_cycle(learn, db=, dirs=, base_model=, gateway_url=, ...)` takes the `[learn]` section, the
 store, the learner's folders and its collaborators as arguments: `train` (default: the recipe in
 a child process), `evaluate` (default: EM/F1 of a model served at `gateway_url`) and `converge`
-("make serving converge now", called after a promotion; the learner never sees the gateway
-itself). `cycle_runner(settings, ...)` builds those arguments from the composed settings; `learn
-run`, `serve --with-learner` and the demo use it. Read top to bottom, a cycle does:
+("make serving converge now", called when a promotion waits for a gateway to load the candidate;
+the learner never sees the gateway itself). `cycle_runner(settings, ...)` builds those arguments
+from the composed settings; `learn run`, `serve --with-learner` and the demo use it. Read top to bottom, a cycle does:
   1. take the database lock `learner` (learn/lock.py): one cycle at a time across processes
   2. curate the turn log + seed files into an immutable snapshot (feedback/snapshot.py);
      too few training examples -> outcome "skipped" with what to do about it
@@ -17,11 +17,16 @@ run`, `serve --with-learner` and the demo use it. Read top to bottom, a cycle do
      only then is it registered as a candidate
   4. score champion (the prod version, or the base model) and candidate on the same held-out
      set through the gateway (`chat@<version>` loads the candidate into the engine unaliased)
-  5. gate (learn/gate.py); promote in the registry and converge the serving side, or reject
-Any failure records the cycle as failed with its error, marks a registered candidate `failed`
-with that error and leaves production untouched. A cycle is one `LearnerCycle` row, written as it
-goes, and a report (`cycle.json` + `cycle.txt`) under `<runs>/cycle-NNNN/`; the gateway's
-/metrics reads the rows.
+  5. gate (learn/gate.py); promote through the one promotion path (learn/promotion.py: a gateway
+     loads and warms the candidate, then prod moves only if it is still on the champion this cycle
+     evaluated; `converge` asks a gateway in this process to do it now), or reject. A rollback made
+     while the cycle ran wins: the candidate is not promoted and the cycle says so ("rejected")
+Any failure (a candidate the engine would not load included) records the cycle as failed with
+its error, marks a registered candidate `failed` with that error and leaves production untouched. A
+cycle is bounded by `learn.cycle_timeout_s`: training gets what is left of it, and the lock
+stops being refreshed past it, so a hung cycle is given up and another learner may start. A
+cycle is one `LearnerCycle` row, written as it goes, and a report (`cycle.json` + `cycle.txt`)
+under `<runs>/cycle-NNNN/`; the gateway's /metrics reads the rows.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from feedback.models import utcnow
 from feedback.queries import rated_turns
 from learn.evaluate import evaluate as evaluate_served
 from learn.lock import CycleLock
+from learn import promotion
+from learn.registry import ChampionMoved
 from learn.settings import LearnDirs, LearnSettings
 from learn.train import train_in_child
 
@@ -111,13 +118,14 @@ def run_cycle(learn: LearnSettings, *, db: Engine, dirs: LearnDirs, base_model: 
               train: Callable[..., Any] = train_in_child, evaluate: Callable[..., Any] = evaluate_served) -> LearnerCycle:
     """One full cycle, recorded as a `learner_cycle` row (returned). Another cycle holding the lock makes
     this one "skipped" at once, and unrecorded (the running one is the record of that time)."""
-    lock = CycleLock(db)
+    lock = CycleLock(db, max_hold_s=learn.cycle_timeout_s)
     if not lock.acquire():
         return LearnerCycle(trigger=trigger, outcome="skipped", finished_at=utcnow(),
                             message=f"another learner cycle is running ({lock.current_holder()})")
     try:
         with lock.heartbeat():
-            run = _Run(learn, db, dirs, base_model, gateway_url, api_key, converge, train, evaluate)
+            run = _Run(learn, db, dirs, base_model, gateway_url, api_key, converge, train, evaluate,
+                       deadline=time.monotonic() + learn.cycle_timeout_s)
             return run.record(trigger)
     finally:
         lock.release()
@@ -136,6 +144,8 @@ class _Run:
     converge: Callable[[], Any] | None
     train: Callable[..., Any]
     evaluate: Callable[..., Any]
+    deadline: float | None = None
+    """time.monotonic() past which the cycle is given up (learn.cycle_timeout_s)."""
 
     def __post_init__(self) -> None:
         from learn.registry import Registry
@@ -201,8 +211,9 @@ class _Run:
 
         name = self.registry.new_version_name("chat")
         paths = dict(base_model=self.base_model, train_file=train_file, out_dir=self.dirs.adapters / name)
+        timeout = None if self.deadline is None else max(1.0, self.deadline - time.monotonic())
         with _timed(cycle, "train_s"):
-            result = self.train(self.learn.train, **paths)
+            result = self.train(self.learn.train, **paths, timeout=timeout)
         cycle.train_metrics = result.metrics
         # metrics: written once, at the decision
         self.registry.register(name, kind="chat", path=result.out_dir, parent=parent, snapshot_hash=cycle.snapshot_hash,
@@ -219,18 +230,30 @@ class _Run:
         decision = decide(champ, cand, min_f1_gain=gate.min_f1_gain, max_em_drop=gate.max_em_drop)
         cycle.gate = decision.to_dict()
         metrics = {"train": train_metrics, "heldout": {"champion": cycle.champion_scores, "candidate": cycle.candidate_scores}}
-        if not decision.promote:
-            self.registry.reject(cycle.version, cycle.gate, metrics=metrics)
-            cycle.outcome = "rejected"
-            cycle.message = f"{cycle.version} rejected by the gate; production stays on {cycle.champion}"
-            return
-        change = self.registry.promote(cycle.version, gate=cycle.gate, metrics=metrics)
-        cycle.outcome, cycle.message = "promoted", f"{change.describe()} (F1 {champ.f1:.3f} -> {cand.f1:.3f})"
-        if self.converge is not None:
-            try:
-                self.converge()
-            except Exception as exc:  # the gateway's own poll converges within seconds anyway
-                log.warning("converging serving after the promotion failed (gateways will converge on their next poll): %s", exc)
+        if decision.promote:
+            change = self.promote(cycle, metrics)
+            if change is not None:
+                cycle.outcome, cycle.message = "promoted", f"{change.describe()} (F1 {champ.f1:.3f} -> {cand.f1:.3f})"
+                return
+        self.registry.reject(cycle.version, cycle.gate, metrics=metrics)
+        cycle.outcome = "rejected"
+        cycle.message = cycle.message or f"{cycle.version} rejected by the gate; production stays on {cycle.champion}"
+
+    def promote(self, cycle: LearnerCycle, metrics: dict):
+        """The one promotion path (learn/promotion.py) against the champion the candidate was scored against:
+        a gateway loads and warms it (`converge`: the one in this process, now), then production moves only if
+        it is still that champion. None, with the reason in the gate and the message, when it moved meanwhile
+        (an operator's rollback wins); PromotionFailed / PromotionTimeout fail the cycle, production unchanged."""
+        if self.deadline is not None and time.monotonic() > self.deadline:  # its lock has lapsed: another learner may run
+            raise TimeoutError(f"the cycle ran past learn.cycle_timeout_s = {self.learn.cycle_timeout_s:g} s and was given up")
+        try:
+            return promotion.promote(self.registry, cycle.version, requested_by="learner", converge=self.converge,
+                                     expected=None if cycle.champion == "base" else cycle.champion,
+                                     wait_s=self.learn.promotion_wait_s, gate=cycle.gate, metrics=metrics)
+        except ChampionMoved as exc:
+            cycle.gate = {**cycle.gate, "promote": False, "reasons": [*cycle.gate.get("reasons", []), str(exc)]}
+            cycle.message = f"{cycle.version} not promoted: {exc}"
+            return None
 
     def reject_after_failure(self, cycle: LearnerCycle) -> None:
         """A registered candidate of a failed cycle is marked `failed` with the error: never servable."""

@@ -5,8 +5,12 @@
     reg = Registry(make_db(settings.store_url))
     name = reg.new_version_name("chat")                 # "chat-v0001", never handed out twice
     reg.register(name, kind="chat", path=out_dir, parent="chat-v0000", snapshot_hash=h, train_config=cfg)
-    reg.promote(name, gate=decision.to_dict(), metrics=report.to_dict())   # or reg.reject(name, gate)
-    reg.prod("chat"); reg.rollback("chat")
+    reg.promote(name, expected="chat-v0000", gate=decision.to_dict())   # the flip alone; or reg.reject(name, gate)
+    reg.prod("chat"); reg.rollback("chat"); reg.last_good("chat")
+
+Serving callers (the learner, `tunewheel adapters promote`, the admin route) never call `promote`
+directly: they go through learn/promotion.py, which loads and warms the version in the engine
+first and only then flips the pointer here.
 
 A version's identity (name, kind, style, path, parent, snapshot hash, training config,
 creation time) never changes after `register`; its gate decision and error are written
@@ -20,14 +24,20 @@ The pointer of a (kind, style) is one `AliasPointer` row, moved inside one trans
 first locks that row (SELECT ... FOR UPDATE on Postgres, the database write lock on
 SQLite), so concurrent promotions serialize. Every move appends an `AliasHistory` row;
 rollback replays that history as a stack (promote pushes, rollback pops) and goes back to
-the version below the top, or to the base model when there is none. The gateway's
-reconciler reads `prod()` and converges the engine on it. Every method opens its own
-short session, so the registry is safe to share between threads and request handlers.
+the version below the top, or to the base model when there is none; `last_good()` lists what a
+rollback would reach, which is what serving falls back to when prod will not load. A promotion
+is a compare-and-swap: `expected` names the prod version the caller decided against, and when
+the pointer has moved since (an operator's rollback while the learner trained) it refuses with
+ChampionMoved. The gateway's reconciler reads `prod()` and converges the engine on it. Every
+method opens its own short session, so the registry is safe to share between threads and
+request handlers.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +68,13 @@ class VersionNotFound(RegistryError, LookupError):
 
 class AdapterMissing(RegistryError, FileNotFoundError):
     pass
+
+
+class ChampionMoved(RegistryError):
+    """Production is not on the version a promotion was decided against: the compare-and-swap refused."""
+
+
+UNCHECKED = object()  # `expected` of a promotion that does not compare (tests, setup code)
 
 
 class AdapterVersion(SQLModel, table=True):
@@ -256,26 +273,60 @@ class Registry:
                 f"version. Production stays on {current or 'the base model'}."
             )
 
-    def promote(self, name: str, *, gate: dict | None = None, metrics: dict | None = None) -> Change:
-        """Make `name` the prod version of its (kind, style); the previous one is retired."""
+    @contextmanager
+    def locked(self, kind: str, style: str | None) -> Iterator[tuple[Session, AliasPointer]]:
+        """A session holding the lock of the (kind, style) pointer until the block ends; commit inside it."""
         with self._session() as s:
-            pointer = self._locked_pointer(s, *self._kind_style(name))
-            version = self._version(s, name)
-            if version.state == "promoted" or pointer.version == name:
-                raise RegistryError(f"{name} is already in production")
-            if version.state in ("rejected", "failed"):
-                raise RegistryError(f"{name} was {version.state} ({version.error or 'by the gate'}); train a new candidate instead")
-            self._check_folder(version, pointer.version)
-            previous = pointer.version
-            if previous is not None:
-                self._version(s, previous).state = "retired"
-            version.state = "promoted"
-            if gate is not None and not version.gate:
-                version.gate = gate
-            _add_metrics(version, metrics)
-            self._move(s, pointer, "promote", name)
+            yield s, self._locked_pointer(s, kind, style)
+
+    def promote(self, name: str, *, expected: str | None | object = UNCHECKED, gate: dict | None = None,
+                metrics: dict | None = None) -> Change:
+        """Make `name` the prod version of its (kind, style); the previous one is retired. This is the flip
+        alone: serving callers go through learn/promotion.py, which loads the version into the engine first.
+        `expected`: the prod version the caller decided against (None: the base model); ChampionMoved when
+        prod is elsewhere now."""
+        with self.locked(*self._kind_style(name)) as (s, pointer):
+            change = self.flip(s, pointer, name, expected=expected, gate=gate, metrics=metrics)
             s.commit()
-            return Change(version.kind, version.style, previous, name)
+            return change
+
+    def promotable(self, s: Session, pointer: AliasPointer, name: str) -> AdapterVersion:
+        """`name`, when it may become prod of `pointer`; RegistryError saying why not otherwise."""
+        version = self._version(s, name)
+        if version.state == "promoted" or pointer.version == name:
+            raise RegistryError(f"{name} is already in production")
+        if version.state in ("rejected", "failed"):
+            raise RegistryError(f"{name} was {version.state} ({version.error or 'by the gate'}); train a new candidate instead")
+        self._check_folder(version, pointer.version)
+        return version
+
+    @staticmethod
+    def note(version: AdapterVersion, *, gate: dict | None, metrics: dict | None) -> None:
+        """Put a promotion's gate decision (written once) and metrics (only added) on `version`; the caller commits."""
+        if gate is not None and not version.gate:
+            version.gate = gate
+        _add_metrics(version, metrics)
+
+    @staticmethod
+    def check_expected(pointer: AliasPointer, expected: str | None | object) -> None:
+        """The compare of compare-and-swap: ChampionMoved unless prod is still `expected`."""
+        if expected is not UNCHECKED and pointer.version != expected:
+            raise ChampionMoved(
+                f"production of {pointer.key} is {pointer.version or 'the base model'}, not {expected or 'the base model'} "
+                f"as this promotion expected: it moved meanwhile (a rollback or another promotion), which wins")
+
+    def flip(self, s: Session, pointer: AliasPointer, name: str, *, expected: str | None | object = UNCHECKED,
+             gate: dict | None = None, metrics: dict | None = None) -> Change:
+        """The checks and the move of `promote` in a session that holds the pointer's lock (`locked`); not committed."""
+        self.check_expected(pointer, expected)
+        version = self.promotable(s, pointer, name)
+        previous = pointer.version
+        if previous is not None:
+            self._version(s, previous).state = "retired"
+        version.state = "promoted"
+        self.note(version, gate=gate, metrics=metrics)
+        self._move(s, pointer, "promote", name)
+        return Change(version.kind, version.style, previous, name)
 
     def reject(self, name: str, gate: dict | None = None, *, metrics: dict | None = None, error: str | None = None) -> AdapterVersion:
         """Mark a candidate rejected, keeping the gate decision (and the error of a failed evaluation)."""
@@ -292,7 +343,7 @@ class Registry:
             if version.state != "candidate":
                 raise RegistryError(f"only candidates can be {state}; {name} is {version.state}")
             version.state = state
-            if gate is not None:
+            if gate is not None and not version.gate:  # a promotion request may have written it already
                 version.gate = gate
             _add_metrics(version, metrics)
             if error is not None:
@@ -302,15 +353,8 @@ class Registry:
 
     def rollback(self, kind: str = "chat", style: str | None = None) -> Change:
         """Move prod back to the version promoted before the current one (or to the base model)."""
-        with self._session() as s:
-            pointer = self._locked_pointer(s, kind, style)
-            stack: list[str | None] = [None]
-            events = s.execute(select(AliasHistory).where(AliasHistory.key == pointer.key).order_by(AliasHistory.id)).scalars()
-            for e in events:
-                if e.action == "promote":
-                    stack.append(e.version)
-                elif len(stack) > 1:
-                    stack.pop()
+        with self.locked(kind, style) as (s, pointer):
+            stack = self._stack(s, pointer.key)
             if pointer.version is None or len(stack) < 2:
                 raise RegistryError(f"nothing to roll back: {pointer.key} is served by the base model")
             current, target = stack[-1], stack[-2]
@@ -321,6 +365,25 @@ class Registry:
             self._move(s, pointer, "rollback", target)
             s.commit()
             return Change(kind, style, current, target)
+
+    def last_good(self, kind: str = "chat", style: str | None = None, limit: int = 3) -> list[AdapterVersion]:
+        """The versions a rollback would go back to, newest first (at most `limit`): what serving falls
+        back to when the prod version will not load. The base model is not among them."""
+        with self._session() as s:
+            below = [v for v in reversed(self._stack(s, _key(kind, style))[:-1]) if v is not None]
+            versions = [s.get(AdapterVersion, name) for name in dict.fromkeys(below)]
+            return [v for v in versions if v is not None and v.state not in ("rejected", "failed")][:limit]
+
+    @staticmethod
+    def _stack(s: Session, key: str) -> list[str | None]:
+        """The pointer's history replayed as a stack (promote pushes, rollback pops); [None] is the base model."""
+        stack: list[str | None] = [None]
+        for e in s.execute(select(AliasHistory).where(AliasHistory.key == key).order_by(AliasHistory.id)).scalars():
+            if e.action == "promote":
+                stack.append(e.version)
+            elif e.action == "rollback" and len(stack) > 1:
+                stack.pop()
+        return stack
 
     @staticmethod
     def _move(s: Session, pointer: AliasPointer, action: str, version: str | None) -> None:

@@ -63,6 +63,12 @@ class LearnSettings(BaseModel):
                                             "KTO, DPO) one API key may contribute, e.g. 0.2; rows over it are dropped and "
                                             "counted in the manifest. Rows without a key (an open gateway, seed files) are "
                                             "never capped. None: no cap.")
+    promotion_wait_s: float = Field(300.0, gt=0, description="How long a promotion (the learner's, `tunewheel adapters "
+                                    "promote`) waits for a gateway to load and warm the version before it is called off, "
+                                    "production unchanged.")
+    cycle_timeout_s: float = Field(6 * 3600.0, gt=0, description="A learner cycle running longer is given up: training gets "
+                                   "what is left of it (the child is killed after that), and the learner lock stops being "
+                                   "refreshed, so another learner may start.")
 
     @field_validator("trusted_keys")
     @classmethod

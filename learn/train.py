@@ -29,6 +29,7 @@ What it does:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -45,6 +46,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from learn.children import child_env, die_with_parent
 from learn.train_config import TrainConfig, TrainError, check_paths, run_record
 from learn.train_data import (
     IGNORE,
@@ -256,22 +258,27 @@ def train(config: TrainConfig, *, base_model: str, train_file: str | Path, out_d
 
 def train_in_child(config: TrainConfig, *, base_model: str, train_file: str | Path, out_dir: str | Path,
                    val_file: str | Path | None = None, timeout: float | None = None) -> TrainResult:
-    """`train(...)` in a child Python process; a crash, kill or timeout is a TrainError with its last output."""
+    """`train(...)` in a child Python process; a crash, kill or timeout is a TrainError with its last output.
+    `timeout`: seconds before the child is killed (the learner passes what is left of learn.cycle_timeout_s).
+    The child gets SIGTERM when this process dies (and then removes its temporary folder)."""
     check_paths(base_model=str(base_model), train_file=train_file, out_dir=out_dir, val_file=val_file)
     paths = {"--base": base_model, "--train": train_file, "--out": out_dir, "--val": val_file}
     with tempfile.TemporaryDirectory(prefix="tunewheel-train-") as work:
         result_path, log_path = Path(work) / "result.json", Path(work) / "train.log"
         command = [sys.executable, "-m", "learn.train", "--config-json", config.model_dump_json(), "--result-json", str(result_path),
                    *(str(x) for flag, path in paths.items() if path is not None for x in (flag, path))]
-        # the child imports this checkout of learn/, whatever the caller's working directory
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+        # the child imports this checkout of learn/, whatever the caller's working directory; it gets only
+        # the environment a trainer needs (no database URL, no keys) and dies with this process
+        env = child_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))})
         with open(log_path, "wb") as log:
-            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     preexec_fn=functools.partial(die_with_parent, os.getpid()))
             why = None
             try:
                 child.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                why = f"timed out after {timeout:.0f} s"
+                why = f"timed out after {timeout:.0f} s (the rest of learn.cycle_timeout_s)"
             finally:
                 if child.poll() is None:  # timeout, or the caller was interrupted: never leave the child running
                     child.kill()
@@ -328,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m learn.train`: the recipe from the command line (and in train_in_child's child)."""
     parser = argument_parser()
     args = parser.parse_args(argv)
+    # SIGTERM (the parent died, or a timeout) unwinds like an error, so `train` removes its temporary folder
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     missing = [PATH_FLAGS[n][0][0] for n in ("base_model", "train_file", "out_dir") if getattr(args, n) is None]
     if missing:
         parser.error("missing " + ", ".join(missing))

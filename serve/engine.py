@@ -18,14 +18,15 @@ and the likely fix (the command line, environment, fixes table and process helpe
 serve/engine_child.py). `supervise()` restarts a dead or unresponsive child with the backoff
 `engine.restart_backoff_s` (the wait sequence starts over once a restart succeeds); in attach
 mode it only tracks readiness. Callbacks in `on_restart` (sync or async, no arguments) run each
-time the engine is ready again after an outage: adapters loaded at run time are gone after a
-restart, and the reconciler reloads them there.
+time the engine is ready again after an outage, before `ready` is set again: adapters loaded at
+run time are gone after a restart, and the reconciler stops routing to them and reloads them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import inspect
 import logging
 import os
@@ -38,13 +39,13 @@ from pathlib import Path
 
 import httpx
 
+from learn.children import child_env, die_with_parent
 from serve import metrics
 from serve.engine_child import (
     EngineStartError,
     check_port_free,
     choose_device,
     describe_exit,
-    die_with_parent,
     engine_command,
     engine_env,
     killpg,
@@ -112,6 +113,7 @@ class EngineManager:
             return
         self._spawn()
         await self._wait_ready()
+        self._set_ready(True)
 
     async def stop(self) -> None:
         """Stop supervising and terminate the child's process group (no-op when attached)."""
@@ -195,7 +197,7 @@ class EngineManager:
             device = choose_device(self.settings.engine.device)
             cmd, env = engine_command(self.settings, device), engine_env(self.settings, device)
         else:
-            cmd, env = self._command, dict(os.environ)
+            cmd, env = self._command, child_env()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.log_path.exists() and self.log_path.stat().st_size > LOG_ROTATE_BYTES:
             os.replace(self.log_path, self.log_path.with_suffix(".log.1"))
@@ -204,7 +206,8 @@ class EngineManager:
             logf.flush()
             self._log_offset = logf.tell()
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                          env=env, start_new_session=True, preexec_fn=die_with_parent)
+                                          env=env, start_new_session=True,
+                                          preexec_fn=functools.partial(die_with_parent, os.getpid()))
         atexit.register(self._kill_now)
         log.info("engine pid %d starting on %s (log: %s)", self._proc.pid, self.url, self.log_path)
 
@@ -221,7 +224,6 @@ class EngineManager:
                     self._fail(f"the engine exited with {describe_exit(code)} before answering /health", code)
                 try:
                     if await self._probe(client, models=True):
-                        self._set_ready(True)
                         log.info("engine ready at %s", self.url)
                         return
                 except (httpx.HTTPError, ValueError):  # not up yet, or not speaking JSON yet
@@ -263,9 +265,9 @@ class EngineManager:
         metrics.ENGINE_UP.set(1 if ready else 0)
 
     async def _recovered(self) -> None:
-        self._set_ready(True)
+        """Ready again after an outage. The hooks run first: a restarted engine has lost its run-time
+        adapters, and the reconciler must stop routing to them before anything sees `ready`."""
         self.last_error = None
-        self._note(f"engine ready again at {self.url}")
         for callback in list(self.on_restart):
             try:
                 result = callback()
@@ -273,6 +275,8 @@ class EngineManager:
                     await result
             except Exception:  # one failing hook must not stop supervision
                 log.exception("on_restart callback %r failed", callback)
+        self._set_ready(True)
+        self._note(f"engine ready again at {self.url}")
 
     def _note(self, message: str) -> None:
         """Log an event, and put it in the engine log beside the engine's own output."""

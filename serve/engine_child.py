@@ -1,5 +1,6 @@
 """The vLLM child process: its command line and environment, the likely fix for a failed start,
-and the process-group helpers that leave nothing behind.
+and the process-group helpers that leave nothing behind. (The child dies with its parent and gets
+only the environment it needs: learn/children.py, shared with the training child.)
 
     device = choose_device(settings.engine.device)           # "cpu" | "gpu"
     cmd, env = engine_command(settings, device), engine_env(settings, device)
@@ -13,7 +14,6 @@ serve/engine.py's `EngineManager` uses all of this; nothing here keeps state.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import importlib.metadata
 import os
 import re
@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from learn.children import child_env
 from serve.settings import Settings
 
 STOP_GRACE_S = 15.0
@@ -111,8 +112,9 @@ def engine_command(settings: Settings, device: str) -> list[str]:
 
 
 def engine_env(settings: Settings, device: str, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: runtime LoRA loading, and on CPU the KV cache size and core binding."""
-    env = dict(os.environ if base is None else base)
+    """The child's environment: only what a vLLM process reads (learn/children.py: no database URL, no
+    keys), runtime LoRA loading, and on CPU the KV cache size and core binding."""
+    env = child_env(base=base)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine.kv_cache_gib)
@@ -161,14 +163,6 @@ def killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
-        pass
-
-
-def die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the process that started it dies (Linux)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
         pass
 
 

@@ -36,6 +36,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from learn.cycle import OUTCOMES, LearnerCycle
+from learn.promotion import fallbacks
 from learn.registry import KINDS, AliasHistory, AliasPointer
 
 log = logging.getLogger("tunewheel.metrics")
@@ -52,6 +53,8 @@ IN_FLIGHT = Gauge("tunewheel_requests_in_flight", "Chat completion requests in f
 ENGINE_UP = Gauge("tunewheel_engine_up", "1 when the engine answers its health check", multiprocess_mode="max")
 ENGINE_RESTARTS = Counter("tunewheel_engine_restarts_total", "Times the engine child was restarted")
 ACTIVE_VERSION = Gauge("tunewheel_active_version_info", "1 for the version each alias resolves to", ["alias", "version"], multiprocess_mode="max")
+ALIAS_FALLBACK = Gauge("tunewheel_alias_fallback", "1 while an alias serves another version than its target, which will not load",
+                       ["alias"], multiprocess_mode="max")
 
 # --- turn log ---------------------------------------------------------------------------
 LOG_PENDING = Gauge("tunewheel_log_pending_writes", "Turns waiting to be written", multiprocess_mode="livesum")
@@ -82,7 +85,8 @@ class StoreMetrics(Collector):
     that knows them all: cycles by outcome and the end of the last one (`learner_cycle`), the
     eval scores, dataset sizes and training time of the last cycle that measured them,
     promotions and rollbacks
-    by kind (`alias_history`, the kind from `alias_pointer`). Every label set exists at 0
+    by kind (`alias_history`, the kind from `alias_pointer`), promotions that fell back because the
+    engine would not load the version (`promotion`, learn/promotion.py). Every label set exists at 0
     before the first event, so alerts see the series and increase() counts the first one.
     Counters here are counts of rows, so they never go down; several gateway replicas export
     the same values (aggregate them with max, not sum). A store that cannot be read leaves
@@ -113,6 +117,7 @@ def read_store_figures(db) -> dict[str, Any]:
         moves = s.execute(select(AliasPointer.kind, AliasHistory.action, func.count())
                           .join(AliasPointer, AliasPointer.key == AliasHistory.key)
                           .group_by(AliasPointer.kind, AliasHistory.action)).all()
+        fell_back = fallbacks(s)
         newest = select(c).order_by(c.id.desc()).limit(LOOKBACK_CYCLES)
         sizes = s.execute(newest.where(c.train_examples.is_not(None))).scalars().first()
         trained = next((cy for cy in s.execute(newest.where(c.version.is_not(None))).scalars() if cy.train_metrics), None)
@@ -133,6 +138,7 @@ def read_store_figures(db) -> dict[str, Any]:
         "sizes": {"train": sizes.train_examples, "heldout": sizes.heldout_items} if sizes is not None else {},
         "train_seconds": train.get("duration_s"),
         "moves": {(kind, action): n for kind, action, n in moves},
+        "fallbacks": fell_back,
     }
 
 
@@ -155,10 +161,13 @@ def _families(f: dict[str, Any]) -> dict[str, Metric]:
                                 value=f.get("train_seconds") or 0)
     promotions = CounterMetricFamily("tunewheel_promotions", "Adapter promotions", labels=["kind"])
     rollbacks = CounterMetricFamily("tunewheel_rollbacks", "Adapter rollbacks", labels=["kind"])
+    fell_back = CounterMetricFamily("tunewheel_promotion_fallbacks", "Promotions that fell back: the engine would not "
+                                    "load the version, so production stayed on the last good one", labels=["kind"])
     for kind in KINDS:
         promotions.add_metric([kind], f.get("moves", {}).get((kind, "promote"), 0))
         rollbacks.add_metric([kind], f.get("moves", {}).get((kind, "rollback"), 0))
-    return {m.name: m for m in (cycles, last, score, size, seconds, promotions, rollbacks)}
+        fell_back.add_metric([kind], f.get("fallbacks", {}).get(kind, 0))
+    return {m.name: m for m in (cycles, last, score, size, seconds, promotions, rollbacks, fell_back)}
 
 
 def _unix(at: datetime) -> float:

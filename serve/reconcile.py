@@ -1,28 +1,38 @@
 """Hot-swap: make the engine's loaded adapters and the gateway's aliases match the registry.
 
-    reconciler = Reconciler(router, http, engine_url, drain_timeout_s=600)
-    reconciler.start()                        # a pass now, then every few seconds
+    reconciler = Reconciler(router, http, engine_url, drain_timeout_s=600, max_lora_rank=16)
+    await reconciler.start()                  # a first pass now, then one every few seconds
     await reconciler.reconcile()              # one pass now (after a promotion); alias -> version served
 
-The gateway builds one `Reconciler` and runs `reconcile()` on startup, every few seconds
-(other processes - `tunewheel adapters promote`, the learner - change the registry), right
-after an admin promotion or rollback, and after an engine restart. One pass, per alias:
+The gateway builds one `Reconciler` and runs a pass on startup, every few seconds (other
+processes change the registry), right after an admin promotion or rollback, and at once after
+an engine restart or when the engine answered that it lost a version. One pass:
 
-    target = router.targets()[alias]                         (serve/routing.py decides it)
-    load target into vLLM under its immutable version name  (skipped when already loaded)
-    warm it with one tiny completion                         (the first user request is not the slow one)
-    router.table.set(alias, target)                          (new requests go to the new version)
-    drain the old version, then unload it                    (in-flight requests finish on it)
+    1. finish the promotions other processes asked for (the learner, `tunewheel adapters
+       promote`; learn/promotion.py): claim each pending one, load + warm it, then the registry's
+       compare-and-swap; a load that fails is recorded as a fallback and prod stays where it was
+    2. per alias, target = router.targets()[alias]            (serve/routing.py decides it)
+       load target into vLLM under its immutable version name  (skipped when already loaded)
+       warm it with one tiny completion                         (the first user request is not the slow one)
+       router.table.set(alias, target)                          (new requests go to the new version)
+       drain the old version, then unload it                    (in-flight requests finish on it)
+    3. heartbeat: the versions this replica uses go to the registry (learn/replicas.py)
 
 A zero-downtime swap follows from that order: the alias flips only after the new version
-answers, and the old one leaves the engine only after its last request. A load that fails
-(adapter folder vanished, rank too large, wrong base model) keeps the alias where it is and
-logs the error with the fix. Pinned `chat@<version>` requests (and restylers on the chat
-engine) load their version on demand through `ensure_pinned()`; such versions are unloaded
-again after `PINNED_IDLE_S` unused.
+answers, and the old one leaves the engine only after its last request, and only once no other
+gateway replica on the same engine leases it (otherwise a later pass tries again).
 
-Only versions this reconciler loaded or aliased are ever unloaded by it: a learner in another
-process may have loaded a candidate for evaluation, and that one is not ours to take away.
+A target that will not load (folder vanished, rank too large, weights that do not fit the base
+model) never leaves an alias on the base model silently: the alias stays on its version while
+the engine has it, else falls back to the last good versions (`Target.fallbacks`) in turn, and
+to the base model only when none loads; `tunewheel_alias_fallback{alias}` is 1 meanwhile and the
+error with its fix is logged once. Aliases are served only after a pass that reached the engine
+(`AliasTable.synced`; cleared by an engine restart), which is what /ready waits for. When the
+registry cannot be read (database down), a pass works from the last targets it read, so an engine
+restart is still recovered. Pinned `chat@<version>` requests (and restylers on the chat engine)
+load their version on demand through `ensure_pinned()`; such versions are unloaded again after
+`PINNED_IDLE_S` unused. Only versions this reconciler loaded or aliased are ever unloaded by it:
+a learner in another process may have loaded a candidate for evaluation.
 """
 
 from __future__ import annotations
@@ -35,152 +45,213 @@ from typing import Any
 
 import httpx
 
+from learn import promotion
+from learn.registry import RegistryError
+from learn.replicas import ReplicaLeases
+from serve.adapters import AdapterLoadError, EngineAdapters
+from serve.metrics import ALIAS_FALLBACK
 from serve.routing import Router, Target
 
 log = logging.getLogger("tunewheel.reconcile")
 
 PINNED_IDLE_S = 600.0
-
-
-class AdapterLoadError(RuntimeError):
-    """The engine would not load an adapter; the message says why and what to fix."""
-
+HEARTBEAT_S = 10.0  # well within learn.replicas.REPLICA_TTL_S
+FIRST_PASS_S = 30.0  # how long start() waits for the first pass before serving goes on without it
 
 class Reconciler:
     """Converges the engine and the router's alias table on the router's targets. All methods
     are safe to call concurrently. `drain_timeout_s`: how long an old version's requests may
-    run on after a swap before it is unloaded anyway (serve.request_timeout_s)."""
+    run on after a swap before it is unloaded anyway (serve.request_timeout_s). `max_lora_rank`:
+    the engine's LoRA capacity. `leases`: this replica's row in the registry (default: one on
+    the router's registry)."""
 
-    def __init__(self, router: Router, http_client: httpx.AsyncClient, engine_url: str, *, drain_timeout_s: float = 600.0):
+    def __init__(self, router: Router, http_client: httpx.AsyncClient, engine_url: str, *,
+                 drain_timeout_s: float = 600.0, max_lora_rank: int | None = None, leases: ReplicaLeases | None = None):
         self.router = router
         self.table = router.table  # what the engine serves now, and the leases a swap drains
-        self.http = http_client
-        self.engine_url = engine_url.rstrip("/")
+        self.registry = router.registry
+        self.adapters = EngineAdapters(http_client, engine_url, max_rank=max_lora_rank)
+        self.engine_url = self.adapters.url
         self.base_name = router.base
         self.drain_timeout_s = drain_timeout_s
-        self._name_locks: dict[str, asyncio.Lock] = {}
+        if leases is None and self.registry is not None:
+            leases = ReplicaLeases(self.registry.db, engine_url=self.engine_url)
+        self.leases = leases
         self._pass_lock = asyncio.Lock()
         self._owned: set[str] = set()  # versions loaded by us, ours to unload
         self._pinned_used: dict[str, float] = {}  # version -> last use (monotonic)
+        self._retiring: set[str] = set()  # to unload once drained and no other replica leases them
+        self._unloading: set[str] = set()
+        self._targets: dict[str, Target] | None = None  # the last targets read from the registry
+        self._beat: tuple[float, set[str] | None] = (0.0, None)  # when this replica last told the registry, and what
+        self.off_target: dict[str, str] = {}  # alias -> the target it should serve but cannot
         self._task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # for callers on other threads (the learner)
         self.last_error: str | None = None
 
-    # --- engine calls --------------------------------------------------------------------
+    # --- the engine ----------------------------------------------------------------------
     async def models(self) -> dict[str, str | None]:
         """Engine model name -> the path it was loaded from (vLLM's `root`), base model included."""
-        r = await self.http.get(f"{self.engine_url}/v1/models", timeout=10)
-        r.raise_for_status()
-        return {m["id"]: m.get("root") for m in r.json().get("data", [])}
+        return await self.adapters.models()
 
     async def loaded(self) -> set[str]:
         """Names the engine serves now (the base model and every loaded adapter)."""
         return set(await self.models())
 
     async def load(self, version: str, path: str | Path) -> None:
-        """Load `version` from `path` unless it is already loaded, then warm it with one request."""
-        lock = self._name_locks.setdefault(version, asyncio.Lock())
-        async with lock:
-            path = str(Path(path).resolve())
-            models = await self.models()
-            if version in models and models[version] in (None, path):
-                return
-            if not Path(path, "adapter_config.json").is_file():
-                raise AdapterLoadError(
-                    f"adapter {version}: {path} has no adapter_config.json (folder vanished or incomplete); "
-                    f"roll back (`tunewheel adapters rollback`) or restore the folder"
-                )
-            if version in models:
-                # Same name, other folder: an engine shared with another registry (or a test's
-                # earlier data dir) left it there. Names are only unique within one registry.
-                log.warning("engine has %s from %s, not %s: reloading it from ours", version, models[version], path)
-                await self.http.post(f"{self.engine_url}/v1/unload_lora_adapter", json={"lora_name": version}, timeout=30)
-            t0 = time.perf_counter()
-            r = await self.http.post(
-                f"{self.engine_url}/v1/load_lora_adapter",
-                json={"lora_name": version, "lora_path": path},
-                timeout=120,
-            )
-            if r.status_code >= 400 and version not in await self.loaded():
-                raise AdapterLoadError(
-                    f"engine refused adapter {version} from {path}: HTTP {r.status_code} {r.text.strip()[:300]} "
-                    f"(check that it was trained on the served base model and its rank <= engine.max_lora_rank)"
-                )
+        """Load and warm `version` unless the engine has it already (then it is not ours to unload)."""
+        if await self.adapters.load(version, path):
             self._owned.add(version)
-            loaded_ms = 1000 * (time.perf_counter() - t0)
-            try:
-                await self.warm(version)
-            except (AdapterLoadError, httpx.HTTPError):
-                await self.http.post(f"{self.engine_url}/v1/unload_lora_adapter", json={"lora_name": version}, timeout=30)
-                self._owned.discard(version)
-                raise
-            self.table.loaded.add(version)
-            log.info("loaded adapter %s in %.0f ms, warmed in %.0f ms", version, loaded_ms, 1000 * (time.perf_counter() - t0) - loaded_ms)
-
-    async def warm(self, name: str) -> None:
-        """One tiny greedy completion so the adapter's weights are resident before users arrive."""
-        r = await self.http.post(
-            f"{self.engine_url}/v1/completions",
-            json={"model": name, "prompt": "Hello", "max_tokens": 1, "temperature": 0},
-            timeout=120,
-        )
-        if r.status_code >= 400:
-            raise AdapterLoadError(f"adapter {name} loaded but its warm-up request failed: HTTP {r.status_code} {r.text[:300]}")
+        self.table.loaded.add(version)
 
     async def unload(self, version: str) -> None:
-        lock = self._name_locks.setdefault(version, asyncio.Lock())
-        async with lock:
-            r = await self.http.post(f"{self.engine_url}/v1/unload_lora_adapter", json={"lora_name": version}, timeout=30)
-            if r.status_code >= 400 and r.status_code != 404:
-                log.warning("unload of %s answered HTTP %s: %s", version, r.status_code, r.text[:200])
-            self._owned.discard(version)
-            self._pinned_used.pop(version, None)
-            self.table.loaded.discard(version)
-            log.info("unloaded adapter %s", version)
+        await self.adapters.unload(version)
+        self._owned.discard(version)
+        self._pinned_used.pop(version, None)
+        self.table.loaded.discard(version)
 
     # --- the pass ------------------------------------------------------------------------
     async def reconcile(self) -> dict[str, str]:
         """One convergence pass; returns alias -> version now served. Never raises for a bad adapter."""
         async with self._pass_lock:
-            targets = await asyncio.to_thread(self.router.targets)
-            before = {alias: self.table.resolve(alias) for alias in targets}
-            for alias, target in targets.items():
-                name = target.version
-                if target.path is not None:
-                    try:
-                        await self.load(name, target.path)
-                    except (AdapterLoadError, httpx.HTTPError) as exc:
-                        # Logged once per distinct error, not on every periodic pass.
-                        (log.error if str(exc) != self.last_error else log.debug)("alias %s stays on %s: %s", alias, before.get(alias), exc)
-                        self.last_error = str(exc)
-                        await self._keep_current(alias, before.get(alias))
-                        continue
-                    self._owned.add(name)  # an aliased version is ours to unload later, even if another process loaded it
-                if self.table.resolve(alias) != name:
-                    self.table.set(alias, name)
-                    log.info("alias %s -> %s (was %s)", alias, name, before.get(alias))
+            self.table.wake.clear()
+            if await self._finish_promotions():
+                self._targets = None
+            targets = await self._read_targets()
+            before = self.table.aliases()
+            reached = [await self._serve(alias, target, before.get(alias)) for alias, target in targets.items()]
             now = {alias: self.table.resolve(alias) for alias in targets}
-            await self._retire(set(before.values()) - set(now.values()), keep=set(now.values()))
-            await self._unload_idle_pinned(keep=set(now.values()))
+            if all(reached):
+                self.table.synced = True
+            self._retiring |= {v for v in set(before.values()) - set(now.values())
+                               if v in self._owned and v not in self._pinned_used}
+            self._sweep_pinned(keep=set(now.values()))
+            await self._heartbeat()
+            self._start_unloads(keep=set(now.values()))
             return now
 
-    async def _keep_current(self, alias: str, current: str | None) -> None:
-        """After a failed load: stay on the current version if the engine still has it, else fall back to base."""
+    async def _read_targets(self) -> dict[str, Target]:
         try:
-            loaded = await self.loaded()
-        except httpx.HTTPError:
-            return
-        if current is None or current not in loaded:
-            log.error("alias %s: %s is not loaded either; serving the base model until the adapter is fixed", alias, current)
-            self.table.set(alias, self.base_name)
+            self._targets = await asyncio.to_thread(self.router.targets)
+        except Exception as exc:
+            if self._targets is None:
+                raise
+            self._note(f"the registry could not be read ({exc}); serving on from the targets read before", logging.WARNING)
+        return self._targets
 
-    async def _retire(self, old: set[str], keep: set[str]) -> None:
-        """Unload versions no alias serves any more, each once its in-flight requests have finished."""
-        for version in old - keep - {self.base_name, None}:
-            if version not in self._owned:
+    async def _serve(self, alias: str, target: Target, current: str | None) -> bool:
+        """Put `alias` on `target`, or on the best fallback; False when the engine did not answer."""
+        if target.path is not None:
+            try:
+                await self.load(target.version, target.path)
+            except httpx.HTTPError as exc:  # engine down or restarting: leave the table as it is
+                self._note(f"alias {alias}: the engine did not answer ({type(exc).__name__}: {exc})", logging.WARNING)
+                self.table.loading[alias] = target.version
+                return False
+            except AdapterLoadError as exc:
+                self._note(f"alias {alias} cannot be served from {target.version}: {exc}")
+                return await self._fall_back(alias, target, current)
+            self._owned.add(target.version)  # an aliased version is ours to unload later, even if another process loaded it
+        self._set(alias, target.version, target.version)
+        return True
+
+    async def _fall_back(self, alias: str, target: Target, current: str | None) -> bool:
+        """The target will not load: stay on the current version while the engine has it, else the last
+        good versions in turn, and the base model only when none of them loads."""
+        try:
+            models = await self.models()
+        except httpx.HTTPError:
+            return False
+        if current is not None and current != self.base_name and current in models:
+            self.table.loaded.add(current)
+            self._set(alias, current, target.version)
+            return True
+        for good in target.fallbacks:
+            try:
+                await self.load(good.version, good.path)
+            except AdapterLoadError as exc:
+                self._note(f"alias {alias}: fallback {good.version} will not load either: {exc}")
                 continue
-            if version in self._pinned_used:  # someone pins it; the idle sweep decides
+            except httpx.HTTPError:
+                return False
+            self._owned.add(good.version)
+            self._set(alias, good.version, target.version)
+            return True
+        self._set(alias, self.base_name, target.version)
+        return True
+
+    def _set(self, alias: str, version: str, target: str) -> None:
+        """Route `alias` to `version`; a version other than its `target` is a fallback, counted and logged."""
+        self.table.loading.pop(alias, None)
+        if self.table.resolve(alias) != version:
+            log.info("alias %s -> %s (was %s)", alias, version, self.table.resolve(alias))
+            self.table.set(alias, version)
+        if version != target and self.off_target.get(alias) != target:
+            log.error("alias %s serves %s in place of its target %s, which will not load (tunewheel_alias_fallback)%s",
+                      alias, version, target, "; no last good version loads either" if version == self.base_name else "")
+        if version != target:
+            self.off_target[alias] = target
+        else:
+            self.off_target.pop(alias, None)
+        ALIAS_FALLBACK.labels(alias=alias).set(0 if version == target else 1)
+
+    def _note(self, message: str, level: int = logging.ERROR) -> None:
+        """Log a problem once, not on every periodic pass."""
+        log.log(level if message != self.last_error else logging.DEBUG, "%s", message)
+        self.last_error = message
+
+    # --- promotions asked for by other processes -----------------------------------------
+    async def _finish_promotions(self) -> bool:
+        """Load each pending promotion this replica claims, then flip it in the registry; True when prod moved."""
+        if self.registry is None or self.leases is None:
+            return False
+        try:
+            claimed = await asyncio.to_thread(promotion.claim, self.registry, self.leases.id)
+        except Exception as exc:
+            self._note(f"pending promotions could not be read: {exc}", logging.WARNING)
+            return False
+        moved = False
+        for row, version in claimed:
+            error = None
+            try:
+                await self.load(version.name, version.path)
+            except (AdapterLoadError, httpx.HTTPError) as exc:
+                error = f"{type(exc).__name__}: {exc}" if isinstance(exc, httpx.HTTPError) else str(exc)
+            try:
+                await asyncio.to_thread(promotion.finish, self.registry, row.id, error=error)
+                moved = True
+            except RegistryError as exc:  # fell back, superseded, or called off meanwhile
+                log.warning("promotion %s of %s: %s", row.id, row.version, exc)
+                self.discard(version.name)
+        return moved
+
+    def discard(self, version: str) -> None:
+        """`version` was loaded for a promotion that did not happen: unload it once nothing uses it."""
+        if version in self._owned and version not in self.in_use():
+            self._retiring.add(version)
+
+    # --- unloading -----------------------------------------------------------------------
+    def in_use(self) -> set[str]:
+        """The versions this replica uses: aliased, pinned recently, or with requests in flight."""
+        return {*self.table.aliases().values(), *self._pinned_used, *self.table.busy()} - {self.base_name}
+
+    async def _heartbeat(self) -> None:
+        """Tell the other replicas what this one uses: when that changed, else every HEARTBEAT_S."""
+        using = self.in_use()
+        if self.leases is None or (using == self._beat[1] and time.monotonic() - self._beat[0] < HEARTBEAT_S):
+            return
+        try:
+            await asyncio.to_thread(self.leases.beat, using)
+            self._beat = (time.monotonic(), using)
+        except Exception as exc:  # the database is down: other replicas see our last row, which is the safe side
+            self._note(f"replica heartbeat failed: {exc}", logging.WARNING)
+
+    def _start_unloads(self, keep: set[str]) -> None:
+        for version in sorted(self._retiring - self._unloading):
+            if version in keep:
+                self._retiring.discard(version)
                 continue
+            self._unloading.add(version)
             asyncio.get_running_loop().create_task(self._drain_then_unload(version))
 
     async def _drain_then_unload(self, version: str) -> None:
@@ -188,55 +259,94 @@ class Reconciler:
             drained = await self.table.drain(version, timeout=self.drain_timeout_s)
             if drained is False:
                 log.warning("%s still had requests in flight after the drain timeout; unloading anyway", version)
-            if version in self.table.aliases().values():
-                return  # a rollback brought it back while we waited
-            await self.unload(version)
+            if version in self.table.aliases().values() or version in self._pinned_used:
+                self._retiring.discard(version)  # a rollback or a pinned request brought it back while we waited
+                return
+            if await self._leased_elsewhere(version):
+                return  # still in _retiring: a later pass tries again
+            self._retiring.discard(version)
+            if version in await self.models():  # another replica may have unloaded it already
+                await self.unload(version)
+            else:
+                self._owned.discard(version)
+                self.table.loaded.discard(version)
         except Exception:
             log.exception("could not unload %s", version)
+        finally:
+            self._unloading.discard(version)
 
-    async def _unload_idle_pinned(self, keep: set[str]) -> None:
+    async def _leased_elsewhere(self, version: str) -> bool:
+        """Whether another live replica on this engine uses `version` (when unsure: yes)."""
+        if self.leases is None:
+            return False
+        try:
+            await asyncio.to_thread(self.leases.beat, self.in_use())  # our row no longer lists it
+            self._beat = (time.monotonic(), self.in_use())
+            others = await asyncio.to_thread(self.leases.others_using, version)
+        except Exception as exc:
+            self._note(f"replica leases could not be read ({exc}); {version} stays loaded for now", logging.WARNING)
+            return True
+        if others:
+            log.info("%s stays loaded: replica(s) %s still use it", version, ", ".join(others))
+        return bool(others)
+
+    def _sweep_pinned(self, keep: set[str]) -> None:
         cutoff = time.monotonic() - PINNED_IDLE_S
         for version, last in list(self._pinned_used.items()):
             if last < cutoff and version not in keep and version in self._owned:
                 self._pinned_used.pop(version, None)
-                asyncio.get_running_loop().create_task(self._drain_then_unload(version))
+                self._retiring.add(version)
 
     # --- pinned versions -----------------------------------------------------------------
     async def ensure_pinned(self, target: Target) -> None:
         """Load a version used outside the aliases (`chat@<version>`, a restyler) on demand;
         unloaded again once unused for PINNED_IDLE_S. Raises AdapterLoadError or httpx.HTTPError."""
         self._pinned_used[target.version] = time.monotonic()
-        if target.version in self._owned or target.version in self.table.aliases().values():
+        self._retiring.discard(target.version)
+        if target.version in self.table.loaded and (target.version in self._owned
+                                                    or target.version in self.table.aliases().values()):
             return
         await self.load(target.version, target.path)
 
     # --- lifecycle -----------------------------------------------------------------------
-    def start(self, interval_s: float = 3.0) -> None:
-        """Reconcile now and then every `interval_s` seconds in the running event loop."""
+    async def start(self, interval_s: float = 3.0, first_pass_s: float = FIRST_PASS_S) -> None:
+        """Reconcile now and then every `interval_s` seconds (or when woken) in the running event loop;
+        waits up to `first_pass_s` for the first pass, which the aliases are not served before."""
         if self._task is None:
             self.loop = asyncio.get_running_loop()
-            self._task = self.loop.create_task(self._loop(interval_s))
+            first = asyncio.Event()
+            self._task = self.loop.create_task(self._loop(interval_s, first))
+            try:
+                await asyncio.wait_for(first.wait(), first_pass_s)
+            except asyncio.TimeoutError:
+                log.warning("the first reconcile pass takes longer than %g s; aliases answer 503 until it ends", first_pass_s)
 
-    async def _loop(self, interval_s: float) -> None:
+    async def _loop(self, interval_s: float, first: asyncio.Event) -> None:
         while True:
             try:
                 await self.reconcile()
             except Exception as exc:  # engine down or DB hiccup: the next pass retries
-                if str(exc) != self.last_error:
-                    log.warning("reconcile pass failed (will retry): %s", exc)
-                self.last_error = str(exc)
-            await asyncio.sleep(interval_s)
+                self._note(f"reconcile pass failed (will retry): {exc}", logging.WARNING)
+            first.set()
+            try:
+                await asyncio.wait_for(self.table.wake.wait(), interval_s)
+            except asyncio.TimeoutError:
+                pass
 
     def on_engine_restart(self, *_: Any) -> None:
-        """Hook for the engine manager: a restarted engine has no adapters; forget and reload them."""
+        """Hook for the engine manager: a restarted engine has no adapters; stop serving the aliases
+        until they are reloaded, and reload them now."""
         self._owned.clear()
         self._pinned_used.clear()
+        self._retiring.clear()
         self.table.loaded.clear()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # called from another thread; the periodic pass picks it up within seconds
-        loop.create_task(self.reconcile())
+        self.table.synced = False
+        self.table.wake.set()
+        if self._task is None:
+            try:
+                asyncio.get_running_loop().create_task(self.reconcile())
+            except RuntimeError:
+                pass  # called from another thread; the periodic pass picks it up within seconds
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -246,3 +356,8 @@ class Reconciler:
             except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
+        if self.leases is not None:
+            try:
+                await asyncio.to_thread(self.leases.leave)
+            except Exception as exc:  # it lapses after its TTL anyway
+                log.warning("could not remove this replica's leases: %s", exc)

@@ -22,6 +22,13 @@ request is routed from the table, so an alias moves only after its new version a
 route's lease keeps the version it runs on in the engine until it ends. Everything runs on the
 gateway's event loop, so plain dicts need no lock: a decision and its lease are one step.
 
+An alias answers only while its version is in the engine: with a registry, not before the
+reconciler's first pass and not between an engine restart and the reload of the adapters
+(`AliasTable.synced`, `loaded`). Meanwhile `route()` raises NotServed, which the gateway answers
+with a retryable 503 and `Retry-After` (and /ready with 503), never the engine's 404 "model does
+not exist", which clients do not retry. A prod alias's target carries the last good versions
+(`Target.fallbacks`, from the registry's history) for when prod itself will not load.
+
 A canary (a share of conversations answered by a candidate, a later issue) is a per-request
 decision: `route()` takes the conversation id so that one conversation stays on one version.
 """
@@ -47,10 +54,21 @@ SERVABLE_STATES = ("candidate", "promoted", "retired")  # registry states a pinn
 
 @dataclass(frozen=True)
 class Target:
-    """An engine model name and the adapter folder it loads from (None: the base model)."""
+    """An engine model name and the adapter folder it loads from (None: the base model); `fallbacks`:
+    the last good versions to serve, newest first, when this one will not load (prod aliases only)."""
 
     version: str
     path: str | None = None
+    fallbacks: tuple[Target, ...] = ()
+
+
+class NotServed(LookupError):
+    """An alias whose version the engine does not hold right now (starting, or after an engine restart):
+    a retryable 503, never the engine's 404."""
+
+    def __init__(self, alias: str, version: str):
+        super().__init__(f"alias {alias!r} is not being served yet ({version} is loading into the engine)")
+        self.alias, self.version = alias, version
 
 
 class UnknownModel(LookupError):
@@ -97,13 +115,18 @@ class Route:
 class AliasTable:
     """What the engine serves now: alias -> engine model name, and requests in flight per name."""
 
-    def __init__(self, aliases: Iterable[str] = ("chat",), *, base: str = BASE_NAME):
+    def __init__(self, aliases: Iterable[str] = ("chat",), *, base: str = BASE_NAME, synced: bool = True):
         self.base = base
         self._aliases: dict[str, str] = {}
         self._in_flight: Counter[str] = Counter()
         # Adapter versions the engine holds for us (the reconciler keeps it current); without a
         # registry the gateway serves `chat@<version>` for these only.
         self.loaded: set[str] = set()
+        # False until the reconciler has matched the aliases to the registry once, and again from
+        # an engine restart until it has reloaded them: aliases are not served meanwhile.
+        self.synced = synced
+        self.loading: dict[str, str] = {}  # alias -> the version the reconciler is trying to put it on
+        self.wake = asyncio.Event()  # set when serving found the engine without a version: reconcile now
         for alias in aliases:
             self.set(alias, base)
 
@@ -116,6 +139,23 @@ class AliasTable:
     def resolve(self, alias: str) -> str:
         """The engine model name behind `alias`; KeyError for a name that is not an alias."""
         return self._aliases[alias]
+
+    def serves(self, alias: str) -> bool:
+        """Whether `alias` answers now: the aliases are synced and its version is in the engine."""
+        version = self._aliases[alias]
+        return self.synced and (version == self.base or version in self.loaded)
+
+    def unserved(self) -> dict[str, str]:
+        """alias -> the version it waits for, for every alias that does not answer now (what /ready waits for)."""
+        return {alias: self.loading.get(alias, version) for alias, version in self._aliases.items() if not self.serves(alias)}
+
+    def lost(self, version: str) -> None:
+        """The engine answered that it does not have `version` (restarted, or unloaded by someone else):
+        stop routing to it and wake the reconciler to load it again."""
+        if version != self.base and version in self.loaded:
+            log.warning("the engine no longer has %s; reloading it", version)
+            self.loaded.discard(version)
+        self.wake.set()
 
     def set(self, alias: str, version: str) -> None:
         old = self._aliases.get(alias)
@@ -145,6 +185,10 @@ class AliasTable:
     def in_flight(self, version: str) -> int:
         return self._in_flight.get(version, 0)
 
+    def busy(self) -> set[str]:
+        """Versions with requests in flight."""
+        return {v for v, n in self._in_flight.items() if n > 0}
+
     async def drain(self, version: str, timeout: float | None = None) -> bool:
         """Wait until no request runs on `version`; False when `timeout` seconds pass first."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -173,7 +217,7 @@ class Router:
         self.config = dict(aliases)
         self.base = base
         self.registry = registry
-        self.table = AliasTable(self.config, base=base)
+        self.table = AliasTable(self.config, base=base, synced=registry is None)
 
     # --- the request side (event loop) ---------------------------------------------------
     def model_names(self) -> list[str]:
@@ -189,6 +233,8 @@ class Router:
             version = self.base
         elif model in self.table:
             version = self.table.resolve(model)
+            if not self.table.serves(model):
+                raise NotServed(model, self.table.loading.get(model, version))
         elif (version := pinned_version(model)) is not None:
             if self.registry is not None:
                 load = await asyncio.to_thread(self.pinned, version)
@@ -212,7 +258,10 @@ class Router:
         v = self.registry.prod(kind="chat") if adapter == "prod" else self.registry.get(adapter)
         if v is None and adapter != "prod":
             log.error("alias %s names adapter %s, which is not in the registry; serving the base model", alias, adapter)
-        return Target(v.name, v.path) if v is not None else Target(self.base)
+        if v is None:
+            return Target(self.base)
+        fallbacks = tuple(Target(g.name, g.path) for g in self.registry.last_good("chat")) if adapter == "prod" else ()
+        return Target(v.name, v.path, fallbacks)
 
     def pinned(self, version: str) -> Target | None:
         """The target of `chat@<version>`: a registry version in a servable state, else None."""

@@ -141,8 +141,9 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
         recorder = TurnRecorder(writer)
         reconciler = restyle = None
         if registry is not None:
-            reconciler = Reconciler(router, http, engine.url, drain_timeout_s=settings.serve.request_timeout_s)
-            reconciler.start()
+            reconciler = Reconciler(router, http, engine.url, drain_timeout_s=settings.serve.request_timeout_s,
+                                    max_lora_rank=settings.lora_capacity)
+            await reconciler.start()
             stack.push_async_callback(reconciler.stop)
             _reload_after_restart(stack, engine, reconciler)
             restyle = RestyleStep(router=router, loader=reconciler, recorder=recorder, http=http,

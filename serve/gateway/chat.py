@@ -46,7 +46,7 @@ from serve.gateway.auth import Caller
 from serve.gateway.protocol import APIError, ChatCompletionRequest, engine_payload, not_ready, upstream_error
 from serve.gateway.relay import InFlight, Relay, RelayResponse, TurnRecorder, rejected
 from serve.gateway.restyle import RestyleStep
-from serve.routing import BASE_NAME, PINNED_PREFIX, Route, Router, UnknownModel, pinned_version
+from serve.routing import BASE_NAME, PINNED_PREFIX, NotServed, Route, Router, UnknownModel, pinned_version
 
 log = logging.getLogger("tunewheel.gateway")
 T = TypeVar("T")
@@ -127,6 +127,9 @@ class ChatService:
                 " (pinned versions that are not promoted need an admin key)"
             raise APIError(404, f"model {model!r} does not exist; valid names: {', '.join(self.model_names(caller))}"
                            f"{hint}", type="not_found_error", code="model_not_found", param="model") from exc
+        except NotServed as exc:  # its version is loading (gateway start, engine restart): retry, not 404
+            rejected(503)
+            raise not_ready(str(exc)) from exc
 
     async def _public(self, version: str) -> bool:
         """Whether anyone with a chat key may pin `version`: an alias serves it, or it is a promoted chat version."""
@@ -165,6 +168,9 @@ class ChatService:
                                code="engine_timeout") from exc
             if response.status_code != 200:
                 try:
+                    if response.status_code == 404 and flight.route.version != self.router.base:
+                        self.router.table.lost(flight.route.version)  # the engine lost it: reload, retry
+                        raise not_ready(f"adapter {flight.route.version} is being reloaded into the engine")
                     raise upstream_error(response.status_code, await response.aread())
                 finally:
                     await response.aclose()

@@ -1,16 +1,20 @@
 """Admin routes of the gateway: the adapter registry over HTTP, behind an admin key.
 
-    GET  /admin/adapters[?kind=chat]                 versions, states, lineage and what each alias serves
-    POST /admin/adapters/{version}/promote           load + warm it, make it prod, swap the alias
+    GET  /admin/adapters[?kind=chat]                 versions, states, lineage, what each alias serves, replicas
+    POST /admin/adapters/{version}/promote[?expected=chat-v0002|base]   load + warm it, make it prod, swap the alias
     POST /admin/adapters/rollback?kind=chat[&style]  move prod back to the previous version
     POST /admin/reload                               reconcile engine and aliases with the registry now
 
     curl -X POST -H "Authorization: Bearer $ADMIN_KEY" localhost:8000/admin/adapters/chat-v0003/promote
 
 The routes are thin: the registry (learn/registry.py) owns states and the prod pointer, the
-reconciler (serve/reconcile.py) owns the engine. A promotion loads the version into the
-engine *before* the registry moves, so a broken adapter is refused with 409 and production
-never points at something the engine cannot serve. A gateway without a registry answers 503.
+reconciler (serve/reconcile.py) owns the engine. A promotion takes the one promotion path
+(learn/promotion.py) with the reconciler's load: the version is loaded and warmed in the
+engine *before* the registry moves, then the pointer moves only if prod is still `expected`
+(default: whatever prod is when the request arrives). A broken adapter, a LoRA rank the engine
+cannot hold, or prod moved meanwhile is refused with 409 saying so, and production stays on the
+last good version (a failed load is counted in tunewheel_promotion_fallbacks_total). A gateway
+without a registry answers 503.
 Promotions and rollbacks are counted from the registry's history (serve/metrics.py), whoever
 made them.
 """
@@ -22,10 +26,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
 
-from learn.registry import RegistryError
+from learn import promotion
+from learn.registry import UNCHECKED, RegistryError
 from serve.gateway.deps import GatewayDep, require_admin
 from serve.gateway.state import GatewayState
-from serve.reconcile import AdapterLoadError
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -47,26 +51,31 @@ def _parts(gateway: GatewayState):
 
 @router.get("/adapters")
 async def list_adapters(gateway: GatewayDep, kind: str | None = None) -> dict[str, Any]:
-    registry, _ = _parts(gateway)
+    registry, reconciler = _parts(gateway)
     versions = await asyncio.to_thread(registry.list, kind)
-    return {"adapters": [version_public(v) for v in versions], "aliases": gateway.router.table.aliases()}
+    replicas = await asyncio.to_thread(reconciler.leases.describe) if reconciler.leases else []
+    return {"adapters": [version_public(v) for v in versions], "aliases": gateway.router.table.aliases(),
+            "fallback": dict(reconciler.off_target), "replicas": replicas}
 
 
 @router.post("/adapters/{version}/promote")
-async def promote(gateway: GatewayDep, version: str) -> dict[str, Any]:
+async def promote(gateway: GatewayDep, version: str, expected: str | None = None) -> dict[str, Any]:
+    """`expected`: the prod version this promotion replaces (`base`: the base model); 409 when prod is elsewhere."""
     registry, reconciler = _parts(gateway)
-    v = await asyncio.to_thread(registry.get, version)
-    if v is None:
+    if await asyncio.to_thread(registry.get, version) is None:
         raise HTTPException(404, f"no adapter version {version!r}; see GET /admin/adapters")
-    if v.kind == "chat":
-        try:
-            await reconciler.load(v.name, v.path)
-        except AdapterLoadError as exc:
-            raise HTTPException(409, f"{exc}; production was not changed") from exc
+    loop = asyncio.get_running_loop()
+
+    def load(v) -> None:  # runs in the promotion's worker thread; the engine calls run on the gateway's loop
+        asyncio.run_coroutine_threadsafe(reconciler.load(v.name, v.path), loop).result()
+
     try:
-        change = await asyncio.to_thread(registry.promote, version)
+        change = await asyncio.to_thread(
+            promotion.promote, registry, version, requested_by="admin", load=load, max_rank=gateway.settings.lora_capacity,
+            expected=UNCHECKED if expected is None else (None if expected == "base" else expected))
     except RegistryError as exc:
-        raise HTTPException(409, str(exc)) from exc
+        reconciler.discard(version)  # loaded for nothing (prod moved meanwhile): it leaves the engine again
+        raise HTTPException(409, f"{exc}; production was not changed") from exc
     served = await reconciler.reconcile()
     return {"change": change.describe(), "previous": change.previous, "prod": version, "aliases": served}
 

@@ -1,7 +1,10 @@
 """Operational routes: liveness, readiness and Prometheus metrics.
 
     GET /health    200 while the process runs
-    GET /ready     200 with alias -> version served once the engine answers; 503 with Retry-After before
+    GET /ready     200 with alias -> version served once the engine answers and every alias's version
+                   is loaded in it; 503 with Retry-After before (starting, engine restarted, adapters
+                   reloading). An alias that serves a fallback (its target will not load) is ready,
+                   and listed under "fallback" with the version it should serve
     GET /metrics   Prometheus text format: the catalog of serve/metrics.py plus the learner's and
                    registry's figures, read from the store for each scrape; behind a key with the
                    `metrics` scope when serve.metrics_need_key
@@ -31,7 +34,15 @@ async def health() -> dict[str, str]:
 async def ready(gateway: GatewayDep) -> dict[str, Any]:
     if not gateway.engine.ready:
         raise not_ready()
-    return {"status": "ready", "aliases": gateway.router.table.aliases()}
+    table = gateway.router.table
+    waiting = table.unserved()
+    if waiting:
+        raise not_ready("adapters are loading into the engine: " + ", ".join(f"{a} ({v})" for a, v in sorted(waiting.items())))
+    body: dict[str, Any] = {"status": "ready", "aliases": table.aliases()}
+    if gateway.reconciler is not None and gateway.reconciler.off_target:
+        body["fallback"] = {alias: {"target": target, "serving": table.resolve(alias)}
+                            for alias, target in gateway.reconciler.off_target.items()}
+    return body
 
 
 @router.get("/metrics", dependencies=[Depends(metrics_access)])

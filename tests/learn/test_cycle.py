@@ -25,6 +25,7 @@ from learn.evaluate import EvalError, EvalReport
 from learn.lock import CycleLock
 from learn.registry import Registry
 from learn.train import TrainError, TrainResult
+from tests.learn.fake_gateway import FakeGateway
 from serve.settings import load_settings
 
 STORY = "Read the story and extract answers for the questions.\nStory: Ann has a red kite. She flies it on Sunday."
@@ -51,7 +52,9 @@ def setup(tmp_path, model_dir):
 
 
 def cycle(settings, db, **collaborators) -> LearnerCycle:
-    """`run_cycle` with the settings' section and folders; `collaborators`: train, evaluate, converge."""
+    """`run_cycle` with the settings' section and folders; `collaborators`: train, evaluate, converge
+    (default: a fake gateway that loads the promoted candidate, as the gateway in the learner's process would)."""
+    collaborators.setdefault("converge", FakeGateway(Registry(db)))
     return run_cycle(settings.learn, db=db, dirs=settings.learn_dirs, base_model=settings.base_model_path(),
                      gateway_url=URL, **collaborators)
 
@@ -84,13 +87,13 @@ def cycles(db) -> list[LearnerCycle]:
 def test_better_candidate_is_promoted_recorded_and_served(setup):
     settings, db, registry = setup
     calls: list[str] = []
-    converged = []
+    gateway = FakeGateway(registry)
     report = cycle(settings, db, train=fake_train, evaluate=fake_scores({"champion": (0.2, 0.4), "candidate": (0.6, 0.9)}, calls),
-                   converge=lambda: converged.append(registry.prod("chat").name))
+                   converge=gateway)
 
     assert report.outcome == "promoted", report.text()
     assert registry.prod("chat").name == report.version
-    assert converged == [report.version]  # serving was asked to converge after the promotion
+    assert gateway.loaded == [report.version]  # serving loaded it before prod moved
     assert calls == ["base", f"chat@{report.version}"]  # champion (base: nothing promoted yet) then candidate
     version = registry.get(report.version)
     assert version.gate["promote"] is True and version.snapshot_hash == report.snapshot_hash
@@ -151,13 +154,14 @@ def test_evaluation_failure_marks_the_registered_candidate_failed(setup):
     assert "unreachable" in registry.get(report.version).error
 
 
-def test_a_failing_converge_does_not_undo_the_promotion(setup):
+def test_a_failing_converge_leaves_the_load_to_the_gateways_poll(setup):
     settings, db, registry = setup
 
     def down():
         raise ConnectionError("gateway gone")
 
-    report = cycle(settings, db, train=fake_train, evaluate=BETTER, converge=down)
+    with FakeGateway(registry):  # another gateway process, polling the registry
+        report = cycle(settings, db, train=fake_train, evaluate=BETTER, converge=down)
     assert report.outcome == "promoted" and registry.prod("chat").name == report.version
 
 

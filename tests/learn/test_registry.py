@@ -18,6 +18,7 @@ from sqlmodel import Session
 
 from feedback.db import make_db
 from learn.registry import AdapterMissing, AdapterVersion, Registry, RegistryError, VersionNotFound
+from tests.learn.fake_gateway import FakeGateway
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -303,10 +304,11 @@ def test_adapters_cli(tmp_path, monkeypatch):
     v2 = add(reg, tmp_path, parent=v1)
     run = CliRunner().invoke
 
-    result = run(app, ["adapters", "promote", v1])
-    assert result.exit_code == 0, result.output
-    assert "chat: prod base -> chat-v0001" in result.output
-    assert run(app, ["adapters", "promote", v2]).exit_code == 0
+    with FakeGateway(reg):  # `adapters promote` hands the load to a running gateway, then waits for it
+        result = run(app, ["adapters", "promote", v1])
+        assert result.exit_code == 0, result.output
+        assert "chat: prod base -> chat-v0001" in result.output
+        assert run(app, ["adapters", "promote", v2]).exit_code == 0
     listing = run(app, ["adapters", "list"]).output
     assert "chat-v0002" in listing and "promoted" in listing and "retired" in listing
     assert "0.750" in listing  # the held-out F1 the learner stored

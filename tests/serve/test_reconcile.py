@@ -185,7 +185,7 @@ async def test_pinned_versions_load_on_demand_only_when_servable(world):
 async def test_periodic_loop_picks_up_a_promotion_from_another_process(world):
     registry, engine, new_version, gateway = world
     aliases, rec = gateway()
-    rec.start(interval_s=0.05)
+    await rec.start(interval_s=0.05)
     try:
         v1 = new_version()
         registry.promote(v1)  # e.g. `tunewheel adapters promote` in another process
@@ -341,3 +341,4 @@ def test_promoting_a_broken_adapter_is_refused_and_production_stays(make_gateway
     ok = httpx.post(f"{gw.url}/v1/chat/completions", headers={"Authorization": f"Bearer {ADMIN}"}, trust_env=False, timeout=300,
                     json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert ok.status_code == 200 and ok.headers["x-tunewheel-adapter"] == "base"
+
