@@ -49,7 +49,7 @@ def test_a_candidate_the_engine_will_not_load_fails_the_cycle_and_production_sta
     report = cycle(settings, db, train=fake_train, evaluate=better_than(prod), converge=FakeGateway(registry, refuse_all=True))
     assert report.outcome == "failed" and "PromotionFailed" in report.error and f"production stays on {prod}" in report.error
     assert registry.prod().name == prod and registry.get(prod).state == "promoted"
-    assert registry.get(report.version).state == "rejected"
+    assert registry.get(report.version).state == "failed"  # a failed cycle marks its candidate failed
     with registry.locked("chat", None) as (s, _):
         assert [p.state for p in s.query(Promotion).order_by(Promotion.id)] == ["promoted", "fell_back"]
 
