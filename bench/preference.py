@@ -109,7 +109,7 @@ def trl_run(kind: str, config: TrainConfig, settings, snapshot: Path, out: Path,
     common = dict(output_dir=str(out.with_suffix(".trl")), per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
                   lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio, num_train_epochs=config.epochs, max_length=config.max_length,
                   beta=config.beta, max_grad_norm=1.0, seed=config.seed, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-                  logging_steps=10, gradient_checkpointing=False)
+                  logging_steps=10, gradient_checkpointing=False, max_steps=config.max_steps or -1)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     peft_config = None
     if kind == "kto":

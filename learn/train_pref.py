@@ -14,6 +14,13 @@ Masking is the SFT recipe's (learn/train_data.py `encode`): the prompt's assista
 context (weight 0), and the only scored tokens are the answer as the chat template renders it,
 content plus end-of-turn token. A row's log-probability is the sum over those tokens.
 
+Both answers a loss compares share their prompt (a DPO pair's chosen and rejected; a KTO row's
+answer and, for the KL estimate, another row's answer to the same prompt), and the prompt is most
+of the tokens. So `pack` puts the prompt once in a row, then each answer attending to the prompt
+and to itself only (a block attention mask, each answer's positions continuing the prompt's):
+one forward pass gives both answers' log-probabilities, the same numbers as two separate passes,
+for little more than the cost of one (tests/learn/test_train_pref.py checks the equality).
+
 The losses are the papers' (and TRL's) formulas, written here so the recipe keeps its own batching
 and its LM head at the scored positions only:
 - KTO (Ethayarajh et al. 2024, eq. 7): with r = log pi(y|x) - log ref(y|x) and z the batch's KL
@@ -150,7 +157,7 @@ def encode_kto(tokenizer, rows: list[dict], *, max_length: int, seed: int) -> li
         seq = encode_answer(tokenizer, row["prompt"], row["completion"][0], max_length=max_length)
         kl = encode_answer(tokenizer, row["prompt"], rows[partner[i]]["completion"][0], max_length=max_length)
         if has_target(seq) and has_target(kl):
-            examples.append({"seq": seq, "kl": kl, "label": bool(row["label"]), "source": _source(row)})
+            examples.append({"seq": seq, "kl": kl, "packed": pack(seq, kl), "label": bool(row["label"]), "source": _source(row)})
     return examples
 
 
@@ -161,8 +168,68 @@ def encode_dpo(tokenizer, rows: list[dict], *, max_length: int) -> list[dict]:
         chosen = encode_answer(tokenizer, row["prompt"], row["chosen"][0], max_length=max_length)
         rejected = encode_answer(tokenizer, row["prompt"], row["rejected"][0], max_length=max_length)
         if has_target(chosen) and has_target(rejected):
-            examples.append({"chosen": chosen, "rejected": rejected, "source": _source(row, "pair")})
+            examples.append({"chosen": chosen, "rejected": rejected, "packed": pack(chosen, rejected), "source": _source(row, "pair")})
     return examples
+
+
+# ---------------------------------------------------------------- one prompt, two answers, one pass
+
+
+def pack(first: dict, second: dict) -> dict:
+    """Two encoded sequences that share their prompt as one row: the shared tokens once, then the rest of each.
+
+    `segment` is 0 for the shared prompt, 1 and 2 for each answer's tokens (which see the prompt and
+    their own earlier tokens only); `positions` continue the prompt's in each answer; `targets[k]` lists
+    (position of the predicting token, target id) for every scored token of sequence k."""
+    a, b = first["input_ids"], second["input_ids"]
+    scored = [t for seq in (first, second) for t in range(1, len(seq["labels"])) if seq["labels"][t] != IGNORE]
+    shared = 0
+    while shared < min(len(a), len(b), min(scored)) and a[shared] == b[shared]:
+        shared += 1
+    row = {"input_ids": a + b[shared:], "positions": list(range(len(a))) + list(range(shared, len(b))),
+           "segment": [0] * shared + [1] * (len(a) - shared) + [2] * (len(b) - shared)}
+    where_b = lambda i: i if i < shared else len(a) + i - shared  # noqa: E731  (index of b's token i in the row)
+    row["targets"] = [[(t - 1, a[t]) for t in range(1, len(a)) if first["labels"][t] != IGNORE],
+                      [(where_b(t - 1), b[t]) for t in range(1, len(b)) if second["labels"][t] != IGNORE]]
+    return row
+
+
+def collate_packed(rows: list[dict], pad_id: int, device) -> dict:
+    """Right-padded packed rows with their block attention mask (additive, batch x 1 x width x width)."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], positions[i, :n], segment[i, :n] = (torch.tensor(r[k]) for k in ("input_ids", "positions", "segment"))
+    q, k = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q)) | torch.eye(width, dtype=torch.bool)  # padding attends to itself
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+    rows_of = [torch.tensor([[i, p, t] for i, r in enumerate(rows) for p, t in r["targets"][s]], dtype=torch.long) for s in (0, 1)]
+    return {"input_ids": ids.to(device), "positions": positions.to(device), "mask": mask.to(device),
+            "tokens": sum(len(r["input_ids"]) for r in rows), "cells": len(rows) * width,
+            "targets": [t.to(device) for t in rows_of], "rows": len(rows)}
+
+
+def packed_logps(model, batch: dict):
+    """(log p(first answer), log p(second answer)) of each packed row: one decoder pass, the head at scored positions."""
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel
+
+    lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["mask"], position_ids=batch["positions"],
+                              use_cache=False).last_hidden_state
+    out = []
+    for targets in batch["targets"]:
+        logits = lm.get_output_embeddings()(hidden[targets[:, 0], targets[:, 1]]).float()
+        token_logps = -F.cross_entropy(logits, targets[:, 2], reduction="none")
+        out.append(torch.zeros(batch["rows"], dtype=token_logps.dtype, device=token_logps.device).index_add(0, targets[:, 0], token_logps))
+    return out[0], out[1]
 
 
 def _source(row: dict, default: str = "rated") -> str:

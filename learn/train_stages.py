@@ -13,7 +13,7 @@ learn/train.py runs them in order on one LoRA: each stage starts where the previ
 - `kto`: unpaired rated answers (preferences.jsonl, plus both sides of each pair); loss per row;
   class weights from the up:down ratio; dropout off, as TRL's trainers do by default.
 - `dpo`: pairs (preference_pairs.jsonl); loss per pair; dropout off.
-The reference model of a preference stage is the model as the stage starts: the base model
+A preference example's two answers share one packed row and one forward pass. The reference model of a preference stage is the model as the stage starts: the base model
 through peft's `disable_adapter()` when the LoRA is still fresh, else the adapter the stage starts
 from (the champion, or the previous stage's result). Its log-probs are computed once before the
 first step, so no second copy of the model is ever in memory. Reading checks every stage's file
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from learn.train_config import TrainConfig, TrainError
-from learn.train_data import IGNORE, collate, encode, read_checked, scored_loss, sequence_logps, split_validation
-from learn.train_pref import (class_weights, dpo_losses, encode_dpo, encode_kto, kl_estimate, kto_losses, kto_rows,
-                              read_preferences)
+from learn.train_data import IGNORE, collate, encode, read_checked, scored_loss, split_validation
+from learn.train_pref import (class_weights, collate_packed, dpo_losses, encode_dpo, encode_kto, kl_estimate, kto_losses,
+                              kto_rows, packed_logps, read_preferences)
 
 STAGES = ("sft", "kto", "dpo")
 
@@ -116,13 +116,23 @@ class SFTStage(Stage):
 
 
 class PreferenceStage(Stage):
-    """KTO and DPO: reference log-probs once at the start, loss averaged per row."""
+    """KTO and DPO: two answers to one prompt per example, packed in one row (learn/train_pref.py `pack`);
+    reference log-probs once at the start; loss averaged per example."""
 
-    keys: tuple[str, ...] = ()
+    keys: tuple[str, str] = ("", "")
 
     @staticmethod
     def units(examples: list) -> int:
         return len(examples)
+
+    @staticmethod
+    def length(e: dict) -> int:
+        return len(e["packed"]["input_ids"])
+
+    def logps(self, model, examples: list):
+        """(log p of each example's first answer, of its second, the batch) in one forward pass."""
+        batch = collate_packed([e["packed"] for e in examples], self.pad_id, self.device)
+        return (*packed_logps(model, batch), batch)
 
     def prepare(self, model, *, from_base: bool) -> None:
         import torch
@@ -131,11 +141,10 @@ class PreferenceStage(Stage):
         model.eval()
         with torch.no_grad(), (model.disable_adapter() if from_base else nullcontext()):
             for examples in (self.train_set, self.val_set):
-                for key in self.keys:
-                    for chunk in self.batches(sorted(examples, key=lambda e: len(e[key]["input_ids"])), self.config.batch_size):
-                        logps = sequence_logps(model, collate([e[key] for e in chunk], self.pad_id, self.device))
-                        for e, value in zip(chunk, logps.tolist()):
-                            e[f"ref_{key}"] = value
+                for chunk in self.batches(sorted(examples, key=self.length), self.config.batch_size):
+                    first, second, _ = self.logps(model, chunk)
+                    for e, a, b in zip(chunk, first.tolist(), second.tolist()):
+                        e[f"ref_{self.keys[0]}"], e[f"ref_{self.keys[1]}"] = a, b
         model.train(was_training)
 
     def _ref(self, examples: list, key: str):
@@ -154,21 +163,14 @@ class KTOStage(PreferenceStage):
         up = sum(e["label"] for e in self.train_set)
         self.weights = class_weights(up, len(self.train_set) - up)
 
-    @staticmethod
-    def length(e: dict) -> int:
-        return len(e["seq"]["input_ids"])
-
     def micro_loss(self, model, examples: list):
         import torch
 
-        batch = collate([e["seq"] for e in examples], self.pad_id, self.device)
-        logps = sequence_logps(model, batch)
-        with torch.no_grad():
-            kl_logps = sequence_logps(model, collate([e["kl"] for e in examples], self.pad_id, self.device))
+        logps, kl_logps, batch = self.logps(model, examples)  # the KL answer rides along; its log-probs are detached
         z = kl_estimate(kl_logps, self._ref(examples, "kl"))
         desirable = torch.tensor([e["label"] for e in examples], device=self.device)
         losses = kto_losses(logps, self._ref(examples, "seq"), z, desirable, beta=self.config.beta, weights=self.weights)
-        return losses.sum(), int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+        return losses.sum(), batch["tokens"], batch["cells"]
 
     def describe(self) -> dict:
         up = sum(e["label"] for e in self.train_set)
@@ -183,16 +185,10 @@ class DPOStage(PreferenceStage):
         self.train_set = encode_dpo(tokenizer, self.rows, max_length=self.config.max_length)
         self.val_set = encode_dpo(tokenizer, self.val_rows, max_length=self.config.max_length)
 
-    @staticmethod
-    def length(e: dict) -> int:
-        return max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"]))
-
     def micro_loss(self, model, examples: list):
-        batch = collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], self.pad_id, self.device)
-        logps = sequence_logps(model, batch)  # chosen and rejected in one forward pass
-        n = len(examples)
-        losses = dpo_losses(logps[:n], logps[n:], self._ref(examples, "chosen"), self._ref(examples, "rejected"), beta=self.config.beta)
-        return losses.sum(), int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+        chosen, rejected, batch = self.logps(model, examples)
+        losses = dpo_losses(chosen, rejected, self._ref(examples, "chosen"), self._ref(examples, "rejected"), beta=self.config.beta)
+        return losses.sum(), batch["tokens"], batch["cells"]
 
 
 CLASSES = {"sft": SFTStage, "kto": KTOStage, "dpo": DPOStage}

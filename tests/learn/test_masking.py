@@ -101,6 +101,8 @@ def test_kto_scores_only_the_rated_answer(tokenizer):
     assert scored_runs(tokenizer, first["kl"]) == ["a dog<|im_end|>"]
     assert scored_runs(tokenizer, second["kl"]) == ["on a hill<|im_end|>"]
     assert ANSWERS[0] in tokenizer.decode(first["seq"]["input_ids"])  # context, not a target
+    # packed in one row, the targets are the same tokens
+    assert [tokenizer.decode([t for _, t in targets]) for targets in first["packed"]["targets"]] == ["on a hill<|im_end|>", "a dog<|im_end|>"]
 
 
 def test_dpo_scores_only_the_chosen_and_the_rejected_answer(tokenizer):
@@ -111,3 +113,7 @@ def test_dpo_scores_only_the_chosen_and_the_rejected_answer(tokenizer):
     assert scored_runs(tokenizer, pair["rejected"]) == ["I do not know.<|im_end|>"]
     n = len(pair["chosen"]["input_ids"]) - len(tokenizer("on a hill above the harbour<|im_end|>\n", add_special_tokens=False)["input_ids"])
     assert pair["chosen"]["input_ids"][:n] == pair["rejected"]["input_ids"][:n]  # one prompt, rendered once the same way
+    packed = pair["packed"]
+    assert [tokenizer.decode([t for _, t in targets]) for targets in packed["targets"]] == [
+        "on a hill above the harbour<|im_end|>", "I do not know.<|im_end|>"]
+    assert packed["segment"].count(0) == n  # the prompt is in the row once

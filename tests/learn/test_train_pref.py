@@ -101,6 +101,28 @@ def test_sequence_logps_are_the_answer_tokens_log_probabilities(tiny_model):
     assert len(scored_logits(model, batch)[1]) == int((labels != -100).sum())
 
 
+def test_one_packed_pass_gives_both_answers_log_probs_as_two_passes_do(tiny_model):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from learn.train_pref import collate_packed, encode_dpo, packed_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights="gaussian")).eval()
+    _, pairs = preference_rows(5)
+    pairs[1]["chosen"][0]["content"] = "Nobody keeps goats, I think; Ben does."  # shares its first tokens with the rejected answer
+    examples = encode_dpo(tokenizer, pairs, max_length=128)
+    with torch.no_grad():
+        chosen, rejected = packed_logps(model, collate_packed([e["packed"] for e in examples], tokenizer.pad_token_id, "cpu"))
+        for key, packed in (("chosen", chosen), ("rejected", rejected)):
+            separate = sequence_logps(model, collate([e[key] for e in examples], tokenizer.pad_token_id, "cpu"))
+            assert torch.allclose(packed, separate, atol=1e-4), key
+    lengths = [len(e["packed"]["input_ids"]) for e in examples]
+    assert all(n < len(e["chosen"]["input_ids"]) + len(e["rejected"]["input_ids"]) - 20 for n, e in zip(lengths, examples))  # the prompt once
+
+
 def test_pairs_become_unpaired_rows_once():
     kto, pairs = preference_rows(6)
     rows = kto_rows(kto, pairs)
