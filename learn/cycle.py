@@ -11,16 +11,22 @@ a child process), `evaluate` (default: EM/F1 of a model served at `gateway_url`)
 the learner never sees the gateway itself). `cycle_runner(settings, ...)` builds those arguments
 from the composed settings; `learn run`, `serve --with-learner` and the demo use it. Read top to bottom, a cycle does:
   1. take the database lock `learner` (learn/lock.py): one cycle at a time across processes
-  2. curate the turn log + seed files into an immutable snapshot (feedback/snapshot.py);
-     too few training examples -> outcome "skipped" with what to do about it
-  3. train a LoRA into adapters/<version>; the folder appears only when training finished, and
-     only then is it registered as a candidate
+  2. curate the turn log + seed files into an immutable snapshot (feedback/snapshot.py), and take
+     what the learning policy trains on (`[learn.policy]`, learn/cycle_data.py): the whole snapshot
+     from the base model, or, continuing the champion, what is new since its lineage's snapshots
+     plus a replay share of them; too little data -> outcome "skipped" with what to do about it
+  3. train a LoRA through the policy's stages (sft, kto, dpo) into adapters/<version>, from a fresh
+     LoRA or from the champion's adapter; the folder appears only when training finished, and only
+     then is it registered as a candidate
   4. score champion (the prod version, or the base model) and candidate on the same held-out
-     set through the gateway (`chat@<version>` loads the candidate into the engine unaliased)
-  5. gate (learn/gate.py); promote through the one promotion path (learn/promotion.py: a gateway
-     loads and warms the candidate, then prod moves only if it is still on the champion this cycle
-     evaluated; `converge` asks a gateway in this process to do it now), or reject. A rollback made
-     while the cycle ran wins: the candidate is not promoted and the cycle says so ("rejected")
+     set through the gateway (`chat@<version>` loads the candidate into the engine unaliased), and
+     on the operator's regression set (`learn.regression_file`) when there is one
+  5. gate (learn/gate.py): never promote on a held-out set the operator does not control (the
+     cycle trains and reports, and says why); promote through the one promotion path
+     (learn/promotion.py: a gateway loads and warms the candidate, then prod moves only if it is
+     still on the champion this cycle evaluated; `converge` asks a gateway in this process to do it
+     now), or reject. A rollback made while the cycle ran wins: the candidate is not promoted and
+     the cycle says so ("rejected")
 Any failure (a candidate the engine would not load included) records the cycle as failed with
 its error, marks a registered candidate `failed` with that error and leaves production untouched. A
 cycle is bounded by `learn.cycle_timeout_s`: training gets what is left of it, and the lock
@@ -46,6 +52,7 @@ from sqlmodel import Field, Session, SQLModel
 
 from feedback.models import utcnow
 from feedback.queries import rated_turns
+from learn.cycle_data import CycleData, NothingNew, cycle_data, heldout_trust
 from learn.evaluate import evaluate as evaluate_served
 from learn.lock import CycleLock
 from learn import promotion
@@ -89,6 +96,14 @@ class LearnerCycle(SQLModel, table=True):
         lines = [f"learner cycle {self.id if self.id is not None else '-'}: {(self.outcome or 'running').upper()} - {self.message or ''}"]
         if self.snapshot:
             lines.append(f"  snapshot   {self.snapshot}: {self.train_examples} training examples, {self.heldout_items} held-out items")
+        data = (self.train_metrics or {}).get("data")
+        if data:
+            c = data["counts"]
+            lines.append(f"  data       start {data['start']}, stages {'+'.join(data['stages'])}: sft {sum(c['sft'].values())} "
+                         f"({', '.join(f'{k} {v}' for k, v in sorted(c['sft'].items())) or 'none'}), kto up {c['kto']['up']} / down "
+                         f"{c['kto']['down']}, dpo {c['dpo']['pairs']} pairs")
+        for stage, why in (self.train_metrics or {}).get("skipped_stages", {}).items():
+            lines.append(f"  skipped    {stage}: {why}")
         if self.train_metrics:
             m = self.train_metrics
             t = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in m.items()}
@@ -97,6 +112,10 @@ class LearnerCycle(SQLModel, table=True):
         for role, name, scores in (("champion", self.champion, self.champion_scores), ("candidate", self.version, self.candidate_scores)):
             if scores:
                 lines.append(f"  {role:<10} {name}: EM {scores['em']:.3f}  F1 {scores['f1']:.3f}  ({scores['n_turns']} turns)")
+        regression = (self.gate or {}).get("regression")
+        for role, name in (("champion", self.champion), ("candidate", self.version)) if regression else ():
+            r = regression[role]
+            lines.append(f"  regression {role} {name}: EM {r['em']:.3f}  F1 {r['f1']:.3f}  ({r['n_turns']} turns)")
         for reason in (self.gate or {}).get("reasons", []):
             lines.append(f"  gate       {reason}")
         if self.error:
@@ -175,61 +194,90 @@ class _Run:
         """The cycle proper; raises Skip or any error, filling `cycle` as it goes."""
         champion = self.registry.prod("chat")
         cycle.champion = champion.name if champion else "base"
-        train_file, items = self.curate(cycle)
-        result = self.train_candidate(cycle, train_file, parent=champion.name if champion else None)
+        snap, items, regression = self.curate(cycle)
+        data = self.training_data(cycle, snap, champion)
+        start_adapter = champion.path if champion and self.learn.policy.start == "champion" else None
+        result = self.train_candidate(cycle, data, parent=champion.name if champion else None, start_adapter=start_adapter)
         with _timed(cycle, "evaluate_s"):
-            common = dict(url=self.gateway_url, max_tokens=self.learn.eval_max_tokens, concurrency=self.learn.eval_concurrency,
-                          api_key=self.api_key, progress=False)
-            champ = self.evaluate(items, model=f"chat@{champion.name}" if champion else "base", **common)
-            cand = self.evaluate(items, model=f"chat@{cycle.version}", **common)
+            champ, cand = self.score(items, cycle)
+            reg = self.score(regression, cycle) if regression else None
         cycle.champion_scores, cycle.candidate_scores = champ.to_dict(), cand.to_dict()
-        self.decide(cycle, champ, cand, result.metrics)
+        trust = heldout_trust(self.learn.heldout_file, snap.manifest)
+        self.decide(cycle, champ, cand, result.metrics, regression=reg, trust=trust)
 
-    def curate(self, cycle: LearnerCycle) -> tuple[Path, list]:
-        """Snapshot the log and seeds: (training file, held-out items). Skip when either side is too small."""
+    def score(self, items: list, cycle: LearnerCycle) -> tuple[Any, Any]:
+        """(champion, candidate) reports on the same items, in the same run, through the gateway."""
+        common = dict(url=self.gateway_url, max_tokens=self.learn.eval_max_tokens, concurrency=self.learn.eval_concurrency,
+                      api_key=self.api_key, progress=False)
+        champion = f"chat@{cycle.champion}" if cycle.champion != "base" else "base"
+        return self.evaluate(items, model=champion, **common), self.evaluate(items, model=f"chat@{cycle.version}", **common)
+
+    def curate(self, cycle: LearnerCycle):
+        """Snapshot the log and seeds: (snapshot, held-out items, regression items). Skip when there is nothing to score on."""
         from learn.evaluate import load_heldout
 
         with _timed(cycle, "curate_s"):
             snap = _snapshot(self.learn, self.db, self.dirs, self.base_model)
             heldout_file = Path(self.learn.heldout_file) if self.learn.heldout_file else snap.path / "heldout_eval.jsonl"
             items = load_heldout(heldout_file) if heldout_file.is_file() and heldout_file.stat().st_size else []
+            regression = load_heldout(self.learn.regression_file) if self.learn.regression_file else []
         cycle.snapshot, cycle.snapshot_hash = snap.version, snap.manifest["hash"]
         cycle.train_examples, cycle.heldout_items = snap.manifest["counts"]["train_total"], len(items)
         _save(self.db, cycle)
-        minimum = self.learn.train.min_examples
-        if cycle.train_examples < minimum:
-            raise Skip(f"snapshot {snap.version} has {cycle.train_examples} training examples, fewer than "
-                       f"learn.train.min_examples = {minimum}: wait for more up-rated turns or add learn.seed_files")
         if not items:
             raise Skip(f"no held-out set to score on: snapshot {snap.version} held out no conversations; "
                        f"set learn.heldout_file (learner format or CoQA JSON) or raise learn.heldout_fraction")
-        return snap.path / "train.jsonl", items
+        return snap, items, regression
 
-    def train_candidate(self, cycle: LearnerCycle, train_file: Path, *, parent: str | None):
+    def training_data(self, cycle: LearnerCycle, snap, champion) -> CycleData:
+        """The files the policy trains on; Skip when no stage of the policy has enough rows."""
+        policy, minimum = self.learn.policy, self.learn.train.min_examples
+        lineage = []
+        for version in _lineage(self.registry, champion.name) if champion and policy.start == "champion" else []:
+            folder = self.dirs.snapshots / f"snap-{(version.snapshot_hash or '')[:12]}"
+            lineage += [folder] if version.snapshot_hash and folder.is_dir() else []
+        try:
+            data = cycle_data(policy, snap.path, lineage=lineage, out=self.dirs.runs / f"cycle-{cycle.id:04d}" / "data",
+                              seed=self.learn.train.seed, champion=champion.name if champion else None)
+        except NothingNew as exc:
+            raise Skip(str(exc)) from exc
+        c = data.counts
+        rows = {"sft": sum(c["sft"].values()), "kto": c["kto"]["up"] + c["kto"]["down"] + c["dpo"]["pairs"], "dpo": c["dpo"]["pairs"]}
+        if all(rows[stage] < minimum for stage in policy.stages):
+            what = " and ".join(f"{stage} {rows[stage]}" for stage in policy.stages)
+            raise Skip(f"snapshot {snap.version} has {rows['sft']} training examples ({what} for this policy's stages), fewer "
+                       f"than learn.train.min_examples = {minimum}: wait for more rated turns or add learn.seed_files")
+        return data
+
+    def train_candidate(self, cycle: LearnerCycle, data: CycleData, *, parent: str | None, start_adapter: str | None):
         """Train into a fresh version folder and register the finished adapter as a candidate."""
         from learn.train_config import run_record
 
         name = self.registry.new_version_name("chat")
-        paths = dict(base_model=self.base_model, train_file=train_file, out_dir=self.dirs.adapters / name)
-        timeout = None if self.deadline is None else max(1.0, self.deadline - time.monotonic())
+        stages = list(self.learn.policy.stages)
+        paths = dict(base_model=self.base_model, out_dir=self.dirs.adapters / name, start_adapter=start_adapter, **data.files)
         with _timed(cycle, "train_s"):
-            result = self.train(self.learn.train, **paths, timeout=timeout)
-        cycle.train_metrics = result.metrics
+            timeout = None if self.deadline is None else max(1.0, self.deadline - time.monotonic())
+            result = self.train(self.learn.train, stages=stages, **paths, timeout=timeout)
+        cycle.train_metrics = {**result.metrics, "data": {"start": data.start, "stages": stages, "counts": data.counts}}
         # metrics: written once, at the decision
         self.registry.register(name, kind="chat", path=result.out_dir, parent=parent, snapshot_hash=cycle.snapshot_hash,
-                               train_config=run_record(self.learn.train, **paths))
+                               train_config=run_record(self.learn.train, stages=stages, **paths))
         cycle.version = name
         _save(self.db, cycle)
         return result
 
-    def decide(self, cycle: LearnerCycle, champ, cand, train_metrics: dict) -> None:
+    def decide(self, cycle: LearnerCycle, champ, cand, train_metrics: dict, *, regression=None, trust=(True, "")) -> None:
         """Gate, then promote (and converge serving) or reject; the decision goes on the version and the cycle."""
         from learn.gate import decide
 
         gate = self.learn.gate
-        decision = decide(champ, cand, min_f1_gain=gate.min_f1_gain, max_em_drop=gate.max_em_drop)
+        decision = decide(champ, cand, min_f1_gain=gate.min_f1_gain, max_em_drop=gate.max_em_drop, regression=regression,
+                          max_regression_drop=gate.max_regression_drop, heldout_trusted=trust[0], heldout_why=trust[1])
         cycle.gate = decision.to_dict()
         metrics = {"train": train_metrics, "heldout": {"champion": cycle.champion_scores, "candidate": cycle.candidate_scores}}
+        if regression:
+            metrics["regression"] = {"champion": regression[0].to_dict(), "candidate": regression[1].to_dict()}
         if decision.promote:
             change = self.promote(cycle, metrics)
             if change is not None:
@@ -237,7 +285,8 @@ class _Run:
                 return
         self.registry.reject(cycle.version, cycle.gate, metrics=metrics)
         cycle.outcome = "rejected"
-        cycle.message = cycle.message or f"{cycle.version} rejected by the gate; production stays on {cycle.champion}"
+        why = "" if trust[0] else f": the held-out set is not operator-controlled ({trust[1]}), so this cycle only trains and reports"
+        cycle.message = cycle.message or f"{cycle.version} not promoted{why or ' by the gate'}; production stays on {cycle.champion}"
 
     def promote(self, cycle: LearnerCycle, metrics: dict):
         """The one promotion path (learn/promotion.py) against the champion the candidate was scored against:
@@ -276,6 +325,15 @@ def _snapshot(learn: LearnSettings, db: Engine, dirs: LearnDirs, base_model: str
 
     return create_snapshot(db, root=dirs.snapshots, config=learn.curation(), seed_files=learn.seed_files,
                            tokenizer=base_model)
+
+
+def _lineage(registry, name: str) -> list:
+    """The version `name` and its ancestors (parent, parent's parent, ...), newest first."""
+    found: list = []
+    while name and name not in [v.name for v in found] and (version := registry.get(name)) is not None:
+        found.append(version)
+        name = version.parent
+    return found
 
 
 @contextmanager

@@ -7,6 +7,9 @@
     rank = 16
     [learn.gate]
     min_f1_gain = 0.01
+    [learn.policy]                         # the stages of a cycle and where training starts
+    stages = ["sft", "kto"]
+    start = "base"
 
 The top-level settings (serve/settings.py) compose these sections with the others. Functions of
 this package take the section they need and explicit paths (`LearnDirs`), never the whole
@@ -32,6 +35,36 @@ _warned_metrics_port = False
 class GateSettings(BaseModel):
     min_f1_gain: float = Field(0.01, description="Promote only when candidate F1 - champion F1 >= this.")
     max_em_drop: float = Field(0.0, description="... and champion EM - candidate EM <= this.")
+    max_regression_drop: float = Field(0.02, description="... and, when learn.regression_file is set, champion F1 - candidate F1 "
+                                                         "on that set <= this.")
+
+
+STAGE_ORDER = ("sft", "kto", "dpo")
+
+
+class PolicySettings(BaseModel):
+    """`[learn.policy]`: what a cycle trains, and from where."""
+
+    stages: list[Literal["sft", "kto", "dpo"]] = Field(default_factory=lambda: ["sft"], description=(
+        "Training stages of a cycle, in this order: sft (up-rated answers and corrections as targets), kto (thumbs "
+        "up/down, unpaired), dpo (pairs: a correction over the answer it corrects). A stage without enough data is "
+        "skipped and the report says why."))
+    start: Literal["base", "champion"] = Field("base", description=(
+        "base: a fresh LoRA on the base model, trained on the whole snapshot. champion: continue the promoted "
+        "adapter (its lineage) on what is new since its snapshot, plus a replay share of earlier snapshots."))
+    replay_share: float = Field(0.25, description="With start = champion: the share of the SFT training set drawn from "
+                                                  "the snapshots the champion's lineage was trained on, against forgetting.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PolicySettings:
+        if not self.stages:
+            raise ValueError("learn.policy.stages is empty: choose some of sft, kto, dpo")
+        order = [STAGE_ORDER.index(s) for s in self.stages]
+        if order != sorted(set(order)):
+            raise ValueError(f"learn.policy.stages must name each stage once, in the order sft, kto, dpo; got {self.stages}")
+        if not 0 <= self.replay_share < 1:
+            raise ValueError(f"learn.policy.replay_share must be in [0, 1), got {self.replay_share}")
+        return self
 
 
 class ScheduleSettings(BaseModel):
@@ -44,9 +77,14 @@ class ScheduleSettings(BaseModel):
 class LearnSettings(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     gate: GateSettings = Field(default_factory=GateSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     heldout_fraction: float = Field(0.1, description="Share of conversations held out by curation.")
-    heldout_file: str | None = Field(None, description="Fixed held-out eval file (learner format or CoQA JSON); default: the snapshot's held-out split.")
+    heldout_file: str | None = Field(None, description="Fixed held-out eval file (learner format or CoQA JSON); default: the snapshot's "
+                                                       "held-out split. Promotion needs an operator-controlled held-out set: this file, "
+                                                       "or a log-derived one the snapshot marks trusted.")
+    regression_file: str | None = Field(None, description="Operator regression set (any held-out format): the gate scores champion and "
+                                                          "candidate on it too and refuses a drop over gate.max_regression_drop.")
     seed_files: list[str] = Field(default_factory=list, description="Operator seed datasets (chat JSONL or CoQA JSON) added to every snapshot's training data.")
     eval_concurrency: int = Field(8, description="Requests in flight during evaluation.")
     eval_max_tokens: int = Field(32, description="max_tokens of evaluation answers.")

@@ -1,29 +1,34 @@
-"""The training recipe: a LoRA adapter on chat JSONL, read top to bottom (setup -> train -> save -> cleanup).
+"""The training recipe: a LoRA adapter on chat JSONL and rated answers, read top to bottom
+(setup -> stages -> save -> cleanup).
 
     python -m learn.train --base .tunewheel/models/SmolLM2-135M-Instruct --train data.jsonl --out adapters/chat-v0001
+    python -m learn.train --base B --train train.jsonl --preferences preferences.jsonl --stages sft kto --out D
     python -m learn.train --help           # every TrainConfig field is a flag (--rank 8, --max-steps 20, ...)
 
-From code: `train(config, base_model=..., train_file=..., out_dir=...)` runs in this process;
-`train_in_child(...)` runs the same recipe in a child process, so a crash or out-of-memory kill
-cannot touch the caller (the serving gateway). `config` is a `TrainConfig`, the `[learn.train]`
-section (learn/train_config.py); the paths are arguments, checked before anything loads.
+From code: `train(config, base_model=..., train_file=..., out_dir=..., stages=("sft",))` runs in this
+process; `train_in_child(...)` runs the same recipe in a child process, so a crash or out-of-memory
+kill cannot touch the caller (the serving gateway). `config` is a `TrainConfig`, the `[learn.train]`
+section (learn/train_config.py); the paths and stages are arguments, checked before anything loads.
 
 What it does:
-- checks the data with the one chat-JSONL validator (`tunewheel data check`: format, roles,
+- checks every stage's data with the one validator (`tunewheel data check`: format, roles,
   alternation, and each example within `max_length` tokens by the base model's tokenizer); a file
   it refuses is refused here with the same `{path}:{line}: {message}` lines. An assistant message
   with `"weight": 0` is context, not a target.
-- renders each conversation with the model's chat template. With `train_on_inputs` false (auto,
-  for chat data) the labels are exactly the assistant turns as the template renders them:
-  content plus end-of-turn token, never the role header (learn/train_data.py).
+- runs the stages in order on one LoRA (learn/train_stages.py): `sft` on chat examples, `kto` on
+  thumbs up/down (unpaired), `dpo` on pairs (a correction over the answer it corrects). Each starts
+  where the previous one ended; a stage without enough data is skipped and the report says why.
+  Training starts from a fresh LoRA on the base model, or from `start_adapter` (the champion).
+- masking: the scored tokens are exactly the assistant answers as the chat template renders them,
+  content plus end-of-turn token, never the role header (learn/train_data.py); the preference
+  losses compare the log-probabilities of those same tokens (learn/train_pref.py).
 - length-grouped batches with dynamic padding (the padding fraction is measured and reported), and
-  the LM head computed only at the scored positions: the decoder runs on the batch, the 49k-vocab
-  head only on hidden states whose next token is a label.
+  the LM head computed only at the scored positions.
 - LoRA through peft (QLoRA 4-bit nf4 on CUDA when asked), AdamW, a transformers scheduler with
-  warmup, gradient accumulation and clipping, validation loss each epoch, early stopping, the best
-  adapter kept. fp32 on CPU, bf16 on CUDA.
+  warmup per stage, gradient accumulation and clipping, validation loss each epoch, early stopping,
+  the best epoch of each stage kept. fp32 on CPU, bf16 on CUDA.
 - writes the adapter (`adapter_config.json`, `adapter_model.safetensors`) plus `report.json` and
-  `loss.png` to `<out_dir>.tmp-<pid>` and renames it to `out_dir` only when complete.
+  `loss.png` (one panel per stage) to `<out_dir>.tmp-<pid>` and renames it to `out_dir` only when complete.
 """
 
 from __future__ import annotations
@@ -48,17 +53,8 @@ from pydantic import ValidationError
 
 from learn.children import child_env, die_with_parent
 from learn.train_config import TrainConfig, TrainError, check_paths, run_record
-from learn.train_data import (
-    IGNORE,
-    collate,
-    encode,
-    length_grouped_batches,
-    read_checked,
-    scored_count,
-    scored_loss,
-    split_validation,
-    validation_loss,
-)
+from learn.train_data import length_grouped_batches
+from learn.train_stages import STAGES, StageFiles, check_cut, read_stages
 
 MAX_GRAD_NORM = 1.0
 
@@ -68,7 +64,8 @@ class TrainResult:
     out_dir: Path
     """The finished adapter folder."""
     metrics: dict
-    """train_loss, val_loss, tokens, tokens_per_s, duration_s, steps, epochs, padding_fraction, examples."""
+    """train_loss, val_loss (of the last stage), tokens, tokens_per_s, duration_s, steps, epochs, padding_fraction,
+    examples (summed), stages ({stage: its own figures}), skipped_stages ({stage: why})."""
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -86,28 +83,25 @@ def pick_device(config: TrainConfig) -> str:
     return device
 
 
-def read_data(config: TrainConfig, base_model: str, train_file, val_file) -> tuple[list, list]:
-    """(train, val) conversations of files that pass `data check` with `max_length` as the token limit."""
+def read_data(config: TrainConfig, base_model: str, stages: tuple[str, ...], files: StageFiles):
+    """(stages that have enough data, {skipped stage: why}); every file checked with `max_length` as the token limit."""
     from feedback.check import load_token_counter
 
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise TrainError(f"unknown or no stages {unknown or list(stages)}: choose from {', '.join(STAGES)}, in that order")
     try:
         count_tokens = load_token_counter(base_model)
     except FileNotFoundError as exc:
         raise TrainError(str(exc)) from exc
-    conversations = read_checked(train_file, max_tokens=config.max_length, count_tokens=count_tokens)
-    if len(conversations) < config.min_examples:
-        raise TrainError(f"{train_file} has {len(conversations)} conversations; training needs at least "
-                         f"{config.min_examples}: collect more rated turns, add a seed dataset (learn.seed_files), "
-                         "or lower learn.train.min_examples")
-    if val_file:
-        return conversations, read_checked(val_file, max_tokens=config.max_length, count_tokens=count_tokens)
-    return split_validation(conversations, config.val_fraction, config.seed)
+    return read_stages(config, count_tokens, stages, files)
 
 
-def load_model(config: TrainConfig, base_model: str, device: str):
-    """(peft model, tokenizer): the base in fp32 on CPU, bf16 on CUDA, 4-bit nf4 under QLoRA."""
+def load_model(config: TrainConfig, base_model: str, device: str, start_adapter: str | Path | None = None):
+    """(peft model, tokenizer): the base in fp32 on CPU, bf16 on CUDA, 4-bit nf4 under QLoRA; a fresh LoRA,
+    or `start_adapter` (its own rank and targets) to continue training."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -128,120 +122,133 @@ def load_model(config: TrainConfig, base_model: str, device: str):
         model = prepare_model_for_kbit_training(model)
     else:
         model.to(device)
+    if start_adapter is not None:
+        return PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True), tokenizer
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora), tokenizer
 
 
-def tokenize(config: TrainConfig, tokenizer, train_rows: list, val_rows: list) -> tuple[list[dict], list[dict]]:
-    """Encoded (train, val) examples, without any that has no scored token left after the cut."""
-    on_inputs = config.train_on_inputs == "true"  # auto: chat data, so assistant turns only
+def adapter_state(model) -> dict:
+    """A copy of the LoRA weights (megabytes): the best epoch of a stage, kept in memory."""
+    from peft import get_peft_model_state_dict
 
-    def encoded(rows):
-        examples = [encode(tokenizer, m, train_on_inputs=on_inputs, max_length=config.max_length) for m in rows]
-        return [e for e in examples if any(t != IGNORE for t in e["labels"][1:])]
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
-    train_set, val_set = encoded(train_rows), encoded(val_rows)
-    # min_examples counts conversations before the validation split, as load_conversations does
-    if len(train_set) + len(val_set) < config.min_examples or not train_set or not val_set:
-        dropped = len(train_rows) + len(val_rows) - len(train_set) - len(val_set)
-        raise TrainError(f"after cutting to max_length={config.max_length}, {dropped} conversation(s) have no assistant "
-                         f"token left, leaving {len(train_set)} training and {len(val_set)} validation conversations "
-                         f"(min_examples = {config.min_examples}): raise max_length")
-    return train_set, val_set
+
+def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, threads: int, started: float) -> dict:
+    """The run's figures: totals over the stages, the last stage's losses, and each stage's own."""
+    done = list(stage_metrics.values())
+    tokens, seconds, cells = (sum(m[k] for m in done) for k in ("tokens", "train_seconds", "padded_cells"))
+    examples = {k: sum(m["examples"][k] for m in done) for k in ("train", "val", "dropped")}
+    return {"train_loss": done[-1]["train_loss"], "val_loss": done[-1]["val_loss"], "best_epoch": done[-1]["best_epoch"],
+            "steps": len(losses), "epochs": sum(m["epochs"] for m in done), "tokens": tokens,
+            "scored_tokens": sum(m["scored_tokens"] for m in done), "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "padding_fraction": 1 - tokens / cells if cells else 0.0, "examples": examples,
+            "stages": stage_metrics, "skipped_stages": skipped, "device": device, "threads": threads,
+            "train_seconds": seconds, "duration_s": time.time() - started}
 
 
 # ---------------------------------------------------------------- the recipe
 
 
-def train(config: TrainConfig, *, base_model: str, train_file: str | Path, out_dir: str | Path,
-          val_file: str | Path | None = None) -> TrainResult:
-    """Train one adapter in this process and return where it is and how the run went."""
-    base_model = str(base_model)
-    check_paths(base_model=base_model, train_file=train_file, out_dir=out_dir, val_file=val_file)
+def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_file: str | Path | None = None,
+          val_file: str | Path | None = None, preference_file: str | Path | None = None, pair_file: str | Path | None = None,
+          stages: tuple[str, ...] | list[str] = ("sft",), start_adapter: str | Path | None = None) -> TrainResult:
+    """Train one adapter in this process, through `stages` in order, and return where it is and how the run went."""
+    base_model, stages = str(base_model), tuple(stages)
+    files = dict(train_file=train_file, val_file=val_file, preference_file=preference_file, pair_file=pair_file)
+    check_paths(base_model=base_model, out_dir=out_dir, start_adapter=start_adapter, **files)
     import torch
+    from peft import set_peft_model_state_dict
     from tqdm import tqdm
     from transformers import get_scheduler, set_seed
 
     from learn.report import write_report
 
     started = time.time()
-    # -- setup: data first (a refused file costs no model load), then model, optimizer and schedule
+    # -- setup: data first (a refused file costs no model load), then the model
     device = pick_device(config)
     torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) // 2))
-    train_rows, val_rows = read_data(config, base_model, train_file, val_file)
+    todo, skipped = read_data(config, base_model, stages, StageFiles(*(Path(f) if f else None for f in files.values())))
     set_seed(config.seed)
-    model, tokenizer = load_model(config, base_model, device)
+    model, tokenizer = load_model(config, base_model, device, start_adapter)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set, val_set = tokenize(config, tokenizer, train_rows, val_rows)
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.grad_accum)
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
     tmp = Path(f"{out_dir}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        # -- train
         rng = random.Random(config.seed)
-        step_losses, epochs_log = [], []
-        tokens = scored_tokens = padded_cells = 0
-        train_seconds, best_val, best_epoch, bad_epochs = 0.0, math.inf, 0, 0
-        bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
-        model.train()
-        for epoch in range(1, config.epochs + 1):
-            batches = length_grouped_batches([len(e["input_ids"]) for e in train_set], config.batch_size, rng)
-            epoch_losses = []
-            for g in range(0, len(batches), config.grad_accum):
-                if len(step_losses) >= total_steps:
+        step_losses, epochs_log, stage_metrics = [], [], {}
+        fresh = start_adapter is None  # a fresh LoRA is the identity: the reference is the base model itself
+        for stage in todo:
+            # -- stage setup: token ids, the reference log-probs (preference stages), a new optimizer and schedule
+            stage.pad_id, stage.device = pad_id, device
+            stage.encode(tokenizer)
+            check_cut(config, stage.name, stage.train_set, stage.val_set)
+            tick = time.perf_counter()
+            stage.prepare(model, from_base=fresh)
+            reference_s, fresh = time.perf_counter() - tick, False
+            steps_per_epoch = math.ceil(math.ceil(len(stage.train_set) / config.batch_size) / config.grad_accum)
+            total_steps = min(steps_per_epoch * config.epochs, config.max_steps or math.inf)
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=0.0)
+            scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+                                      num_training_steps=total_steps)
+            # -- train
+            first_step, tokens, scored, cells, seconds = len(step_losses), 0, 0, 0, 0.0
+            best_val, best_epoch, bad_epochs, best, epoch_losses = math.inf, 0, 0, None, []
+            bar = tqdm(total=total_steps, desc=stage.name, unit="step", dynamic_ncols=True)
+            for epoch in range(1, config.epochs + 1):
+                model.train(stage.dropout)  # preference stages train without dropout, as TRL's trainers do
+                batches = length_grouped_batches([stage.length(e) for e in stage.train_set], config.batch_size, rng)
+                epoch_losses = []
+                for g in range(0, len(batches), config.grad_accum):
+                    if len(step_losses) - first_step >= total_steps:
+                        break
+                    tick = time.perf_counter()
+                    micro = [[stage.train_set[i] for i in b] for b in batches[g: g + config.grad_accum]]
+                    n_units = sum(stage.units(m) for m in micro)  # the step's mean is over all of it, as one large batch
+                    step_loss = 0.0
+                    for examples in micro:
+                        loss_sum, n_tokens, n_cells = stage.micro_loss(model, examples)
+                        loss = loss_sum / n_units
+                        loss.backward()
+                        step_loss += loss.item()
+                        tokens, cells = tokens + n_tokens, cells + n_cells
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    seconds += time.perf_counter() - tick
+                    scored += n_units
+                    step_losses.append(step_loss)
+                    epoch_losses.append(step_loss)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / seconds:.0f}")
+                model.eval()
+                val_loss = stage.validation_loss(model)
+                epochs_log.append({"stage": stage.name, "epoch": epoch, "step": len(step_losses), "val_loss": val_loss,
+                                   "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1)})
+                bar.write(f"{stage.name} epoch {epoch}: train loss {epochs_log[-1]['train_loss']:.4f}, validation loss {val_loss:.4f}")
+                if val_loss < best_val:
+                    best_val, best_epoch, bad_epochs, best = val_loss, epoch, 0, adapter_state(model)
+                else:
+                    bad_epochs += 1  # a later, worse epoch never replaces the best one
+                if bad_epochs >= config.early_stopping_patience or len(step_losses) - first_step >= total_steps:
                     break
-                tick = time.perf_counter()
-                micro = [collate([train_set[i] for i in b], pad_id, device) for b in batches[g: g + config.grad_accum]]
-                n_scored = sum(scored_count(b) for b in micro)
-                step_loss = 0.0
-                for batch in micro:  # the step's mean is over all its scored tokens, as one large batch
-                    loss = scored_loss(model, batch) / n_scored
-                    loss.backward()
-                    step_loss += loss.item()
-                    tokens += int(batch["attention_mask"].sum())
-                    padded_cells += batch["attention_mask"].numel()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                train_seconds += time.perf_counter() - tick
-                scored_tokens += n_scored
-                step_losses.append(step_loss)
-                epoch_losses.append(step_loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / train_seconds:.0f}")
-            val_loss = validation_loss(model, val_set, config.batch_size, pad_id, device)
-            epochs_log.append({"epoch": epoch, "step": len(step_losses), "val_loss": val_loss,
-                               "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1)})
-            bar.write(f"epoch {epoch}: train loss {epochs_log[-1]['train_loss']:.4f}, validation loss {val_loss:.4f}")
-            if val_loss < best_val:
-                best_val, best_epoch, bad_epochs = val_loss, epoch, 0
-                model.save_pretrained(tmp)  # the best adapter so far; a later, worse epoch never replaces it
-            else:
-                bad_epochs += 1
-            if bad_epochs >= config.early_stopping_patience or len(step_losses) >= total_steps:
-                break
-        bar.close()
+            bar.close()
+            if best is not None:  # the next stage, and the saved adapter, start from the best epoch
+                set_peft_model_state_dict(model, best)
+            stage_metrics[stage.name] = {
+                "train_loss": epochs_log[-1]["train_loss"], "val_loss": best_val, "best_epoch": best_epoch, "steps": len(step_losses) - first_step,
+                "first_step": first_step, "epochs": epoch, "tokens": tokens, "scored_tokens": scored, "padded_cells": cells,
+                "tokens_per_s": tokens / seconds if seconds else 0.0, "train_seconds": seconds, "reference_s": reference_s,
+                "early_stopped": bad_epochs >= config.early_stopping_patience, "examples": stage.describe()}
 
         # -- save
-        metrics = {
-            "train_loss": epochs_log[-1]["train_loss"], "val_loss": best_val, "best_epoch": best_epoch,
-            "steps": len(step_losses), "epochs": len(epochs_log), "tokens": tokens, "scored_tokens": scored_tokens,
-            "tokens_per_s": tokens / train_seconds if train_seconds else 0.0,
-            "padding_fraction": 1 - tokens / padded_cells if padded_cells else 0.0,
-            "examples": {"train": len(train_set), "val": len(val_set),
-                         "dropped": len(train_rows) + len(val_rows) - len(train_set) - len(val_set)},
-            "device": device, "threads": torch.get_num_threads(), "train_seconds": train_seconds, "duration_s": time.time() - started,
-        }
-        record = run_record(config, base_model=base_model, train_file=train_file, out_dir=out_dir, val_file=val_file)
-        write_report(tmp, {"config": record, **metrics, "early_stopped": bad_epochs >= config.early_stopping_patience,
+        model.save_pretrained(tmp)
+        metrics = summary(stage_metrics, skipped, step_losses, device, torch.get_num_threads(), started)
+        record = run_record(config, base_model=base_model, out_dir=out_dir, stages=stages, start_adapter=start_adapter, **files)
+        write_report(tmp, {"config": record, **metrics, "early_stopped": any(m["early_stopped"] for m in stage_metrics.values()),
                            "train_loss_per_step": step_losses, "epochs_log": epochs_log})
         try:
             os.replace(tmp, out_dir)
@@ -256,17 +263,21 @@ def train(config: TrainConfig, *, base_model: str, train_file: str | Path, out_d
 # ---------------------------------------------------------------- child process
 
 
-def train_in_child(config: TrainConfig, *, base_model: str, train_file: str | Path, out_dir: str | Path,
-                   val_file: str | Path | None = None, timeout: float | None = None) -> TrainResult:
+def train_in_child(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_file: str | Path | None = None,
+                   val_file: str | Path | None = None, preference_file: str | Path | None = None, pair_file: str | Path | None = None,
+                   stages: tuple[str, ...] | list[str] = ("sft",), start_adapter: str | Path | None = None,
+                   timeout: float | None = None) -> TrainResult:
     """`train(...)` in a child Python process; a crash, kill or timeout is a TrainError with its last output.
     `timeout`: seconds before the child is killed (the learner passes what is left of learn.cycle_timeout_s).
     The child gets SIGTERM when this process dies (and then removes its temporary folder)."""
-    check_paths(base_model=str(base_model), train_file=train_file, out_dir=out_dir, val_file=val_file)
-    paths = {"--base": base_model, "--train": train_file, "--out": out_dir, "--val": val_file}
+    check_paths(base_model=str(base_model), out_dir=out_dir, start_adapter=start_adapter, train_file=train_file, val_file=val_file,
+                preference_file=preference_file, pair_file=pair_file)
+    paths = {"--base": base_model, "--train": train_file, "--out": out_dir, "--val": val_file, "--preferences": preference_file,
+             "--pairs": pair_file, "--start-adapter": start_adapter}
     with tempfile.TemporaryDirectory(prefix="tunewheel-train-") as work:
         result_path, log_path = Path(work) / "result.json", Path(work) / "train.log"
         command = [sys.executable, "-m", "learn.train", "--config-json", config.model_dump_json(), "--result-json", str(result_path),
-                   *(str(x) for flag, path in paths.items() if path is not None for x in (flag, path))]
+                   *(str(x) for flag, path in paths.items() if path is not None for x in (flag, path)), "--stages", *stages]
         # the child imports this checkout of learn/, whatever the caller's working directory; it gets only
         # the environment a trainer needs (no database URL, no keys) and dies with this process
         env = child_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
@@ -303,8 +314,11 @@ def train_in_child(config: TrainConfig, *, base_model: str, train_file: str | Pa
 
 PATH_FLAGS = {  # the run's paths: arguments of train(), not config fields
     "base_model": (["--base", "--base-model"], "Base model: a local Hugging Face folder or a Hugging Face id."),
-    "train_file": (["--train", "--train-file"], "Chat JSONL to train on."),
+    "train_file": (["--train", "--train-file"], "Chat JSONL to train on (the sft stage)."),
     "val_file": (["--val", "--val-file"], "Chat JSONL for the validation loss; default: val_fraction of the training file."),
+    "preference_file": (["--preferences", "--preference-file"], "KTO rows {prompt, completion, label} (the kto stage)."),
+    "pair_file": (["--pairs", "--pair-file"], "DPO pairs {prompt, chosen, rejected} (the dpo stage; kto uses them too)."),
+    "start_adapter": (["--start-adapter"], "Continue training this adapter folder instead of a fresh LoRA."),
     "out_dir": (["--out", "--out-dir"], "Where the adapter goes; must not exist yet (adapter versions are never overwritten)."),
 }
 
@@ -316,6 +330,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--result-json", help="also write the result (or the error) to this file")
     for name, (flags, text) in PATH_FLAGS.items():
         parser.add_argument(*flags, dest=name, help=text)
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=["sft"], help="stages in order (default: sft)")
     for name, field in TrainConfig.model_fields.items():
         kind = field.annotation
         args = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -337,13 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # SIGTERM (the parent died, or a timeout) unwinds like an error, so `train` removes its temporary folder
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    missing = [PATH_FLAGS[n][0][0] for n in ("base_model", "train_file", "out_dir") if getattr(args, n) is None]
+    missing = [PATH_FLAGS[n][0][0] for n in ("base_model", "out_dir") if getattr(args, n) is None]
+    if args.train_file is None and args.preference_file is None and args.pair_file is None:
+        missing.append("--train (or --preferences / --pairs)")
     if missing:
         parser.error("missing " + ", ".join(missing))
     given = {n: getattr(args, n) for n in TrainConfig.model_fields if getattr(args, n) is not None}
     try:
         config = TrainConfig.model_validate({**json.loads(args.config_json or "{}"), **given})
-        result = train(config, base_model=args.base_model, train_file=args.train_file, out_dir=args.out_dir, val_file=args.val_file)
+        result = train(config, stages=args.stages, **{n: getattr(args, n) for n in PATH_FLAGS})
     except (TrainError, ValidationError) as e:
         message = str(e) if isinstance(e, TrainError) else "; ".join(
             ": ".join(filter(None, [".".join(map(str, x["loc"])), x["msg"]])) for x in e.errors())
@@ -354,8 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.result_json:
         Path(args.result_json).write_text(json.dumps({"out_dir": str(result.out_dir), "metrics": result.metrics}))
     m = result.metrics
-    print(f"adapter: {result.out_dir}\nsteps {m['steps']}, epochs {m['epochs']}, train loss {m['train_loss']:.4f}, "
-          f"validation loss {m['val_loss']:.4f}, {m['tokens_per_s']:.0f} tokens/s, padding {m['padding_fraction']:.1%}")
+    print(f"adapter: {result.out_dir}")
+    for name, s in m["stages"].items():
+        print(f"{name}: steps {s['steps']}, epochs {s['epochs']}, train loss {s['train_loss']:.4f}, "
+              f"validation loss {s['val_loss']:.4f}, {s['tokens_per_s']:.0f} tokens/s")
+    for name, why in m["skipped_stages"].items():
+        print(f"{name}: skipped, {why}")
+    print(f"total: steps {m['steps']}, {m['tokens_per_s']:.0f} tokens/s, padding {m['padding_fraction']:.1%}")
     return 0
 
 

@@ -65,6 +65,8 @@ class TrainConfig(BaseModel):
     """'true': loss on every token; 'false': on assistant turns only; 'auto': false for chat data."""
     qlora: bool = False
     """Load the base in 4-bit nf4 through bitsandbytes (CUDA only)."""
+    beta: float = 0.1
+    """KTO and DPO stages: how strongly the adapter is held near the reference model (TRL's default 0.1)."""
     early_stopping_patience: int = 1
     """Stop after this many epochs without a better validation loss."""
     min_examples: int = 8
@@ -93,6 +95,7 @@ class TrainConfig(BaseModel):
         need(bool(self.target_modules), "target_modules is empty: name the linear layers to adapt, e.g. q_proj v_proj")
         need(self.rank >= 1 and self.alpha >= 1, f"rank and alpha must be >= 1, got {self.rank}, {self.alpha}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.beta > 0, f"beta must be > 0, got {self.beta}")
         need(0 < self.learning_rate < 1, f"learning_rate must be in (0, 1), got {self.learning_rate}")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         for name in ("epochs", "batch_size", "grad_accum", "min_examples", "early_stopping_patience"):
@@ -109,21 +112,30 @@ def looks_like_path(name: str) -> bool:
     return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def check_paths(*, base_model: str, train_file: str | Path, out_dir: str | Path, val_file: str | Path | None = None) -> None:
-    """The run's paths, checked before anything heavy loads; a problem is a TrainError saying what to fix."""
-    for name, path in (("train_file", train_file), ("val_file", val_file)):
+DATA_PATHS = ("train_file", "val_file", "preference_file", "pair_file")
+
+
+def check_paths(*, base_model: str, out_dir: str | Path, start_adapter: str | Path | None = None, **files: str | Path | None) -> None:
+    """The run's paths, checked before anything heavy loads; a problem is a TrainError saying what to fix.
+
+    `files`: train_file, val_file (chat JSONL), preference_file (KTO rows), pair_file (DPO pairs); None: not given."""
+    for name, path in files.items():
+        if name not in DATA_PATHS:
+            raise TypeError(f"unknown data file argument {name}")
         if path is not None and not Path(path).is_file():
-            raise TrainError(f"{name} {path} does not exist: pass a chat JSONL file")
+            raise TrainError(f"{name} {path} does not exist: pass a JSONL file")
     if looks_like_path(base_model) and not (Path(base_model) / "config.json").is_file():
         raise TrainError(f"base_model {base_model} is not a model folder (no config.json): "
                          "run `tunewheel model prepare` or pass a Hugging Face id")
+    if start_adapter is not None and not (Path(start_adapter) / "adapter_config.json").is_file():
+        raise TrainError(f"start_adapter {start_adapter} is not an adapter folder (no adapter_config.json)")
     if Path(out_dir).exists():
         raise TrainError(f"out_dir {out_dir} already exists: adapters are never overwritten, choose a new folder")
 
 
-def run_record(config: TrainConfig, *, base_model: str, train_file: str | Path, out_dir: str | Path,
-               val_file: str | Path | None = None) -> dict:
-    """The config plus the run's paths: what a report.json and a registry version record as the training config."""
-    paths = {"base_model": str(base_model), "train_file": str(train_file), "out_dir": str(out_dir),
-             "val_file": None if val_file is None else str(val_file)}
-    return {**paths, **config.model_dump()}
+def run_record(config: TrainConfig, *, base_model: str, out_dir: str | Path, stages: tuple[str, ...] | list[str] = ("sft",),
+               start_adapter: str | Path | None = None, **files: str | Path | None) -> dict:
+    """The config plus the run's paths and stages: what a report.json and a registry version record as the training config."""
+    paths = {"base_model": str(base_model), "out_dir": str(out_dir), "start_adapter": None if start_adapter is None else str(start_adapter),
+             **{name: None if files.get(name) is None else str(files[name]) for name in DATA_PATHS}}
+    return {**paths, "stages": list(stages), **config.model_dump()}

@@ -110,13 +110,12 @@ def scored_count(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def scored_loss(model, batch: dict):
-    """Summed cross-entropy over the scored positions, with the LM head applied only there.
+def scored_logits(model, batch: dict):
+    """(logits, targets, scored mask) at the positions whose next token is scored, the LM head applied only there.
 
-    Same value as the model's own loss times the number of scored tokens, without building the
-    (batch, length, vocab) logits. Works on a plain causal LM and on a peft-wrapped one.
+    The decoder runs on the whole batch; the 49k-vocab head only on hidden states whose next token is a
+    label. Works on a plain causal LM and on a peft-wrapped one (inside `disable_adapter()` too).
     """
-    import torch.nn.functional as F
     from peft import PeftModel
 
     lm = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -124,7 +123,27 @@ def scored_loss(model, batch: dict):
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE
     logits = lm.get_output_embeddings()(hidden[:, :-1][scored])
-    return F.cross_entropy(logits.float(), targets[scored], reduction="sum")
+    return logits.float(), targets[scored], scored
+
+
+def scored_loss(model, batch: dict):
+    """Summed cross-entropy over the scored positions: the model's own loss times the number of scored
+    tokens, without building the (batch, length, vocab) logits."""
+    import torch.nn.functional as F
+
+    logits, targets, _ = scored_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def sequence_logps(model, batch: dict):
+    """Per row, the summed log-probability of its scored tokens (the answer): what KTO and DPO compare."""
+    import torch
+    import torch.nn.functional as F
+
+    logits, targets, scored = scored_logits(model, batch)
+    token_logps = -F.cross_entropy(logits, targets, reduction="none")
+    rows = scored.nonzero()[:, 0]
+    return torch.zeros(scored.shape[0], dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
 
 
 def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, device: str) -> float:

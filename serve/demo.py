@@ -1,22 +1,25 @@
-"""`make demo`: the whole loop on the embedded model, from first chat to a promoted adapter.
+"""`make demo`: the whole loop on the embedded model: users talk and rate, the learner learns from them.
 
     python -m serve.demo                      # what `make demo` runs (after `tunewheel model prepare`)
-    python -m serve.demo --train-stories 100  # a quicker, weaker run
+    python -m serve.demo --users 12 --cycles 3
+    python -m serve.demo --seeded             # the older run: 200 seed stories, one cycle, no corrections
     TUNEWHEEL_ENGINE__URL=http://127.0.0.1:8101 python -m serve.demo   # attach to a running engine
 
 Steps (data dir .tunewheel/demo, made fresh every run):
-  1. data: `data synth-coqa` stories - variant A for the seed training set and the users,
-     variant B (a different generator) for the held-out set
+  1. data: `data synth-coqa` stories - variant A for the users (a new set each round), variant B
+     (a different generator) for the operator's held-out set (`learn.heldout_file`); no seed stories
   2. `tunewheel serve` as a subprocess (engine + gateway), then a three-turn conversation
      through the official openai client (the last turn streamed) and the turns it logged
-  3. before: held-out EM/F1 of `chat` (the base model) and simulated users who talk about
-     their stories through the OpenAI API and rate every answer up or down (F1 against the
-     gold answer >= 0.5 is a thumbs up)
-  4. one learner cycle (learn/cycle.py): curate log + seeds, train a LoRA in a child
-     process, score base and candidate on the held-out set, gate, promote or reject; the
+  3. before: held-out EM/F1 of `chat` (the base model)
+  4. cycles, back to back: a round of simulated users (serve/demo_users.py) talk about their
+     stories through the OpenAI API and rate every answer (thumbs up when its F1 against the gold
+     answer is >= 0.5), writing the gold answer as a correction on one thumbs-down in three; then one
+     learner cycle (learn/cycle.py) curates the log, trains through the policy's stages in a child
+     process, scores champion and candidate on the held-out set, gates and promotes or rejects; the
      gateway hot-swaps a promoted adapter
-  5. after: the same users again (answered by the promoted adapter through `chat`), and the
-     held-out scores the cycle measured on that adapter; a before/after table
+  5. after: a last round of new users answered by the final champion; the table: one column per
+     cycle with the candidate's held-out EM and F1, the gate's decision, the live thumbs-up rate of
+     the users who came after it, and its training examples by source
 The server is stopped with SIGINT at the end (gateway, then engine), whatever happened.
 """
 
@@ -30,13 +33,13 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
+from serve.demo_users import table, users_round
+
 DEMO_DIR = Path(".tunewheel/demo")
-UP_F1 = 0.5  # a simulated user gives a thumbs up when the answer's F1 against the gold is at least this
 
 
 def say(text: str = "") -> None:
@@ -44,17 +47,26 @@ def say(text: str = "") -> None:
 
 
 def write_data(folder: Path, args) -> dict[str, Path]:
+    """The held-out set (variant B), one users file per round (variant A; the seeded run: the same users
+    before and after) and, for the seeded run, the seed stories."""
     from feedback.synth import synth_coqa
 
-    files = {"seed": folder / "seed_train_coqa.json", "heldout": folder / "heldout_variant_b.json", "users": folder / "users_coqa.json"}
-    plan = {"seed": (args.train_stories, 0, "A"), "heldout": (args.heldout_stories, 1, "B"), "users": (args.users, 2, "A")}
+    plan = {"heldout": (args.heldout_stories, 1, "B")}
+    for k in range(args.cycles + 1):
+        plan[f"users-{k}"] = (args.users, 2 if args.seeded else 2 + k, "A")
+    if args.seeded:
+        plan["seed"] = (args.train_stories, 0, "A")
+    files = {}
     for key, (stories, seed, variant) in plan.items():
+        files[key] = folder / f"{key}_{variant}.json"
         files[key].write_text(json.dumps(synth_coqa(stories=stories, seed=seed, variant=variant)))
     return files
 
 
 def write_config(folder: Path, model: Path, files: dict[str, Path], port: int, args) -> Path:
     config = folder / "tunewheel.toml"
+    seeds = f'["{files["seed"].resolve()}"]' if "seed" in files else "[]"
+    stages = '["sft"]' if args.seeded else json.dumps(args.stages)
     config.write_text(f"""# written by serve.demo
 data_dir = "{folder.resolve()}"
 
@@ -65,8 +77,12 @@ port = {port}
 model = "{model.resolve()}"
 
 [learn]
-seed_files = ["{files['seed'].resolve()}"]
+seed_files = {seeds}
 heldout_file = "{files['heldout'].resolve()}"
+
+[learn.policy]
+stages = {stages}
+start = "{args.start}"
 
 [learn.gate]
 min_f1_gain = {args.min_f1_gain}
@@ -75,8 +91,8 @@ min_f1_gain = {args.min_f1_gain}
 rank = 16
 learning_rate = 2e-4
 batch_size = 4
-max_length = 384
-epochs = 1
+max_length = {args.max_length}
+epochs = {args.epochs}
 """ + (f"max_steps = {args.max_steps}\n" if args.max_steps else ""))
     return config
 
@@ -161,41 +177,6 @@ def three_turns(url: str, settings) -> None:
     db.dispose()
 
 
-def users_round(url: str, users_file: Path, concurrency: int = 8) -> dict:
-    """Each simulated user talks through one story, asking its questions in order, rating every answer."""
-    import openai
-
-    from feedback.coqa import parse_record, to_heldout
-    from learn.evaluate import SYSTEM_PROMPT
-    from learn.metrics import score_turn
-
-    stories = [to_heldout(parse_record(r)) for r in json.loads(users_file.read_text())["data"]]
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="demo", max_retries=2)
-    http = httpx.Client(base_url=url, trust_env=False, timeout=60)
-    versions: set[str] = set()
-
-    def talk(story: dict) -> list[str]:
-        messages = [{"role": "system", "content": SYSTEM_PROMPT.format(story=story["story"])}]
-        ratings = []
-        for turn in story["turns"]:
-            messages.append({"role": "user", "content": turn["question"]})
-            raw = client.chat.completions.with_raw_response.create(model="chat", messages=messages, max_tokens=32, temperature=0)
-            versions.add(raw.headers.get("x-tunewheel-adapter", "?"))
-            reply = raw.parse()
-            answer = reply.choices[0].message.content or ""
-            rating = "up" if score_turn(answer, turn["answers"])[1] >= UP_F1 else "down"
-            http.post("/v1/feedback", json={"completion_id": reply.id, "rating": rating}).raise_for_status()
-            ratings.append(rating)
-            messages.append({"role": "assistant", "content": answer})
-        return ratings
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        ratings = [r for rs in pool.map(talk, stories) for r in rs]
-    http.close()
-    up = ratings.count("up")
-    return {"up": up, "total": len(ratings), "rate": up / max(1, len(ratings)), "versions": sorted(versions)}
-
-
 def heldout_scores(settings, url: str, heldout: Path) -> dict:
     from learn.evaluate import evaluate
 
@@ -230,26 +211,47 @@ def wait_for_alias(url: str, version: str, timeout_s: float = 120) -> bool:
     return False
 
 
-def table(before: dict, after: dict, version: str) -> str:
-    rows = [("held-out EM (variant B)", f"{before['heldout']['em']:.3f}", f"{after['heldout']['em']:.3f}"),
-            ("held-out F1 (variant B)", f"{before['heldout']['f1']:.3f}", f"{after['heldout']['f1']:.3f}"),
-            ("live thumbs-up rate", f"{before['users']['rate']:.0%} ({before['users']['up']}/{before['users']['total']})",
-             f"{after['users']['rate']:.0%} ({after['users']['up']}/{after['users']['total']})")]
-    head = ("", "before (base)", f"after ({version})")
-    lines = [f"  {head[0]:<26}{head[1]:>18}{head[2]:>24}", "  " + "-" * 68]
-    lines += [f"  {a:<26}{b:>18}{c:>24}" for a, b, c in rows]
-    return "\n".join(lines)
+def learn_once(settings, url: str, k: int) -> dict:
+    """One learner cycle; waits for the gateway to serve a promoted candidate. Its column of the table."""
+    report = run_cycle_with_progress(settings, url)
+    say(report.text())
+    if report.outcome == "failed":
+        raise RuntimeError(f"learner cycle {k} failed: {report.error}")
+    if report.outcome == "promoted":
+        say(f"  hot-swap: waiting for the gateway to serve `chat` from {report.version} ...")
+        if not wait_for_alias(url, report.version):
+            raise RuntimeError(f"the gateway did not switch to {report.version}; see {DEMO_DIR / 'serve.log'}")
+    data = (report.train_metrics or {}).get("data") or {}
+    return {"version": report.version, "outcome": report.outcome, "heldout": report.candidate_scores, "counts": data.get("counts"),
+            "seconds": sum((report.timings or {}).values()), "report": report.model_dump(mode="json")}
+
+
+def say_round(label: str, r: dict) -> None:
+    say(f"  {label}: {r['users']} users, {r['up']}/{r['total']} thumbs up, {r['corrections']} corrections, answered by {r['versions']}")
+
+
+def arguments(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="python -m serve.demo", description="The whole tunewheel loop on the embedded model.")
+    parser.add_argument("--users", type=int, default=None, help="simulated users per round, one story each (default 20; seeded: 6)")
+    parser.add_argument("--cycles", type=int, default=None, help="learner cycles, each after a new round of users (default 2; seeded: 1)")
+    parser.add_argument("--heldout-stories", type=int, default=8, help="held-out stories (variant B, ~14 questions each)")
+    parser.add_argument("--stages", nargs="+", default=["sft"], choices=["sft", "kto", "dpo"], help="learn.policy.stages")
+    parser.add_argument("--start", default="base", choices=["base", "champion"], help="learn.policy.start")
+    parser.add_argument("--epochs", type=int, default=1, help="learn.train.epochs")
+    parser.add_argument("--max-length", type=int, default=384, help="learn.train.max_length (tokens per training example)")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap the training steps per stage (a quick smoke run)")
+    parser.add_argument("--min-f1-gain", type=float, default=0.01, help="the gate's required F1 gain (learn.gate.min_f1_gain)")
+    parser.add_argument("--seeded", action="store_true", help="the older run: seed stories, one cycle, the same users before and after, "
+                                                              "no corrections")
+    parser.add_argument("--train-stories", type=int, default=200, help="with --seeded: seed training conversations (variant A)")
+    args = parser.parse_args(argv)
+    args.users = args.users or (6 if args.seeded else 20)
+    args.cycles = args.cycles or (1 if args.seeded else 2)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve.demo", description="The whole tunewheel loop on the embedded model.")
-    parser.add_argument("--train-stories", type=int, default=200, help="seed training conversations (synthetic CoQA, variant A)")
-    parser.add_argument("--heldout-stories", type=int, default=8, help="held-out stories (variant B, ~14 questions each)")
-    parser.add_argument("--users", type=int, default=6, help="simulated users, one story each")
-    parser.add_argument("--max-steps", type=int, default=None, help="cap the training steps (a quick smoke run)")
-    parser.add_argument("--min-f1-gain", type=float, default=0.01, help="the gate's required F1 gain (learn.gate.min_f1_gain)")
-    args = parser.parse_args(argv)
-
+    args = arguments(argv)
     from serve.engine_child import free_port
     from serve.model import prepare_model
     from serve.settings import load_settings
@@ -259,43 +261,42 @@ def main(argv: list[str] | None = None) -> int:
     if DEMO_DIR.exists():
         shutil.rmtree(DEMO_DIR)
     DEMO_DIR.mkdir(parents=True)
-    say("== tunewheel demo: serve -> talk -> rate -> learn -> promote -> talk again")
+    say("== tunewheel demo: serve -> users talk and rate -> learn -> promote -> new users talk, and again")
     model = prepare_model(load_settings())  # the embedded model, prepared once under .tunewheel/models
     files = write_data(DEMO_DIR, args)
     config = write_config(DEMO_DIR, model, files, free_port(), args)
     settings = load_settings(config)
-    say(f"config {config}; data: {args.train_stories} seed stories (A), {args.heldout_stories} held-out stories (B), {args.users} users (A)")
+    seeds = f"{args.train_stories} seed stories (A), " if args.seeded else "no seed stories, "
+    say(f"config {config}; data: {seeds}{args.heldout_stories} held-out stories (B), {args.users} users (A) per round, "
+        f"{args.cycles} cycle(s), policy {'+'.join(settings.learn.policy.stages)} from {settings.learn.policy.start}")
     say("starting `tunewheel serve` (engine + gateway) ...")
     proc, url = start_server(config, DEMO_DIR / "serve.log")
     say(f"gateway ready at {url} ({time.monotonic() - t_start:.0f} s)")
+    correct_every = 0 if args.seeded else 3
     try:
         say("\n== 1. a three-turn conversation through the openai client")
         three_turns(url, settings)
 
-        say("\n== 2. before learning")
-        before = {"heldout": heldout_scores(settings, url, files["heldout"]), "users": users_round(url, files["users"])}
-        say(f"  held-out: EM {before['heldout']['em']:.3f}  F1 {before['heldout']['f1']:.3f} ({before['heldout']['n_turns']} turns)")
-        say(f"  users: {before['users']['up']}/{before['users']['total']} thumbs up, answered by {before['users']['versions']}")
-
-        say("\n== 3. one learner cycle")
-        report = run_cycle_with_progress(settings, url)
-        say(report.text())
-        if report.outcome != "promoted":
-            say(f"\nthe gate did not promote ({report.outcome}); production stays on the base model.")
-            return 0 if report.outcome != "failed" else 1
-        say(f"  hot-swap: waiting for the gateway to serve `chat` from {report.version} ...")
-        if not wait_for_alias(url, report.version):
-            say(f"  the gateway did not switch to {report.version}; see {DEMO_DIR / 'serve.log'}")
-            return 1
-
-        say("\n== 4. after learning: the same users again")
-        # The held-out set was scored in the cycle, greedily, on this same adapter (as chat@version);
-        # scoring it again through `chat` would give the same numbers and cost minutes on a CPU.
-        after = {"heldout": report.candidate_scores, "users": users_round(url, files["users"])}
-        say(f"  users: {after['users']['up']}/{after['users']['total']} thumbs up, answered by {after['users']['versions']}")
-        say("\n" + table(before, after, report.version))
-        (DEMO_DIR / "demo_result.json").write_text(json.dumps({"before": before, "after": after, "cycle": report.model_dump(mode="json")}, indent=2, default=str))
-        say(f"\ndemo finished in {(time.monotonic() - t_start) / 60:.1f} min; results in {DEMO_DIR / 'demo_result.json'}")
+        say("\n== 2. before learning: the base model on the held-out set")
+        base = heldout_scores(settings, url, files["heldout"])
+        say(f"  held-out: EM {base['em']:.3f}  F1 {base['f1']:.3f} ({base['n_turns']} turns)")
+        rounds, cycles = [], []
+        for k in range(1, args.cycles + 1):
+            say(f"\n== {k + 2}. users round {k}, then learner cycle {k}")
+            rounds.append(users_round(url, files[f"users-{k - 1}"], correct_every=correct_every))
+            say_round(f"round {k}", rounds[-1])
+            cycles.append(learn_once(settings, url, k))
+        say(f"\n== {args.cycles + 3}. after learning: {'the same' if args.seeded else 'new'} users")
+        rounds.append(users_round(url, files[f"users-{args.cycles}"], correct_every=correct_every))
+        say_round(f"round {args.cycles + 1}", rounds[-1])
+        say("\n" + table(base, rounds, cycles))
+        minutes = (time.monotonic() - t_start) / 60
+        (DEMO_DIR / "demo_result.json").write_text(json.dumps({"base": base, "rounds": rounds, "cycles": cycles, "minutes": minutes,
+                                                               "args": vars(args)}, indent=2, default=str))
+        best = max((c["heldout"]["f1"] for c in cycles if c["outcome"] == "promoted"), default=base["f1"])
+        say(f"\nheld-out F1 {base['f1']:.3f} (base) -> {best:.3f} (served now, {best - base['f1']:+.3f}); "
+            f"{sum(c['outcome'] == 'promoted' for c in cycles)} of {len(cycles)} cycle(s) promoted")
+        say(f"demo finished in {minutes:.1f} min; results in {DEMO_DIR / 'demo_result.json'}")
         return 0
     except Exception:
         say(f"\nthe demo failed; last lines of {DEMO_DIR / 'serve.log'}:\n{tail(DEMO_DIR / 'serve.log')}")

@@ -52,3 +52,17 @@ def save_tiny_llama(folder: Path, model_dir: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def preference_rows(n: int) -> tuple[list[dict], list[dict]]:
+    """(KTO rows, DPO pairs) in the snapshot's formats, from the same short chats: the story's answer is the
+    desirable one (and a correction's `chosen`), a wrong name the undesirable one."""
+    kto, pairs = [], []
+    for i, row in enumerate(coqa_rows(n)):
+        prompt, right = row["messages"][:2], row["messages"][2]["content"]
+        wrong = "Nobody keeps goats, I think."
+        kto.append({"prompt": prompt, "completion": [{"role": "assistant", "content": right if i % 3 == 0 else wrong}],
+                    "label": i % 3 == 0, "meta": {"key": None, "rating": "up" if i % 3 == 0 else "down", "source": "rated"}})
+        pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": right}],
+                      "rejected": [{"role": "assistant", "content": wrong}], "meta": {"key": None, "rating": "down", "source": "pair"}})
+    return kto, pairs

@@ -59,7 +59,7 @@ def cycle(settings, db, **collaborators) -> LearnerCycle:
                      gateway_url=URL, **collaborators)
 
 
-def fake_train(config, *, base_model, train_file, out_dir, val_file=None, timeout=None) -> TrainResult:
+def fake_train(config, *, base_model, out_dir, stages=("sft",), start_adapter=None, timeout=None, **files) -> TrainResult:
     out = Path(out_dir)
     out.mkdir(parents=True)
     (out / "adapter_config.json").write_text("{}")

@@ -70,3 +70,37 @@ def test_accepts_eval_reports_and_stores_both_score_sets():
 def test_report_without_scores_is_an_error():
     with pytest.raises(ValueError, match="lacks"):
         decide({"em": 0.1}, report(0.1, 0.1), min_f1_gain=0.0, max_em_drop=0.0)
+
+
+# (champion regression F1, candidate regression F1, max_regression_drop, promote): held-out F1 0.40 -> 0.60 throughout
+REGRESSION = [
+    (0.70, 0.70, 0.02, True),  # no change
+    (0.70, 0.69, 0.02, True),  # within the allowed drop
+    (0.70, 0.68, 0.02, True),  # exactly the allowed drop
+    (0.70, 0.60, 0.02, False),  # forgot: refused even though the held-out set improved
+    (0.70, 0.60, 0.20, True),  # a tolerant operator
+]
+
+
+@pytest.mark.parametrize(("champ_f1", "cand_f1", "max_drop", "promote"), REGRESSION)
+def test_regression_set_refuses_a_candidate_that_forgot(champ_f1, cand_f1, max_drop, promote):
+    d = decide(report(0.2, 0.4), report(0.2, 0.6), min_f1_gain=0.01, max_em_drop=0.0,
+               regression=(report(0.5, champ_f1, n=30), report(0.5, cand_f1, n=30)), max_regression_drop=max_drop)
+    assert d.promote is promote
+    assert any("regression set F1" in r and ("forgot" in r) is (not promote) for r in d.reasons)
+    assert d.regression["champion"]["f1"] == champ_f1 and d.deltas["regression_f1"] == pytest.approx(cand_f1 - champ_f1)
+    assert d.thresholds["max_regression_drop"] == max_drop
+
+
+def test_regression_sets_of_different_sizes_never_promote():
+    d = decide(report(0.2, 0.4), report(0.2, 0.6), min_f1_gain=0.01, max_em_drop=0.0,
+               regression=(report(0.5, 0.7, n=30), report(0.5, 0.9, n=20)), max_regression_drop=0.1)
+    assert not d.promote
+
+
+def test_a_held_out_set_the_operator_does_not_control_never_promotes():
+    d = decide(report(0.2, 0.4), report(0.9, 0.95), min_f1_gain=0.01, max_em_drop=0.0,
+               heldout_trusted=False, heldout_why="split from the log by conversation id")
+    assert not d.promote
+    assert "not operator-controlled (split from the log by conversation id)" in d.reasons[0] and "learn.heldout_file" in d.reasons[0]
+    assert d.to_dict()["heldout"] == {"trusted": False, "why": "split from the log by conversation id"}

@@ -4,7 +4,9 @@
 
 With train_on_inputs false the scored tokens must be exactly the assistant turns as the template
 renders them (content + <|im_end|>, not the `<|im_start|>assistant` header), every turn of a
-multi-turn conversation, minus the ones with weight 0; with true every token is scored.
+multi-turn conversation, minus the ones with weight 0; with true every token is scored. The KTO
+and DPO stages score only the answer being rated (and, for KTO's KL estimate, another row's answer
+on this prompt): never the prompt, its earlier answers, or the header, whatever train_on_inputs says.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 from learn.train_data import IGNORE, encode
+from learn.train_pref import encode_dpo, encode_kto
 
 SYSTEM = "Story: Anna keeps three goats on a hill above the harbour."
 QUESTIONS = ["Who keeps goats?", "How many?", "Where are they?"]
@@ -83,14 +86,34 @@ def test_truncation_keeps_the_start(tokenizer):
     assert cut["labels"] == full["labels"][:40]
 
 
-def test_min_examples_counts_before_the_validation_split(tokenizer):
-    """8 conversations with min_examples 8 train (7 + 1 held for validation), as the loader's check allows."""
-    from learn.train import TrainError, tokenize
-    from learn.train_config import TrainConfig
-    config = TrainConfig(min_examples=8)
-    rows = [conversation() for _ in range(8)]
-    train_set, val_set = tokenize(config, tokenizer, rows[:7], rows[7:])
-    assert (len(train_set), len(val_set)) == (7, 1)
-    with pytest.raises(TrainError, match=r"8 conversation\(s\) have no assistant token left, leaving 0 training.*"
-                                         r"raise max_length"):
-        tokenize(TrainConfig(min_examples=8, max_length=16), tokenizer, rows[:7], rows[7:])
+def preference_prompt() -> list[dict]:
+    """The conversation up to the last question: earlier answers are context, as a snapshot's prompt holds them."""
+    return conversation()[:-1]
+
+
+def test_kto_scores_only_the_rated_answer(tokenizer):
+    rows = [{"prompt": preference_prompt(), "completion": [{"role": "assistant", "content": "on a hill"}], "label": True},
+            {"prompt": preference_prompt()[:3], "completion": [{"role": "assistant", "content": "a dog"}], "label": False}]
+    first, second = encode_kto(tokenizer, rows, max_length=512, seed=0)
+    assert scored_runs(tokenizer, first["seq"]) == ["on a hill<|im_end|>"]
+    assert scored_runs(tokenizer, second["seq"]) == ["a dog<|im_end|>"]
+    # the KL estimate pairs each prompt with the other row's answer, scored the same way
+    assert scored_runs(tokenizer, first["kl"]) == ["a dog<|im_end|>"]
+    assert scored_runs(tokenizer, second["kl"]) == ["on a hill<|im_end|>"]
+    assert ANSWERS[0] in tokenizer.decode(first["seq"]["input_ids"])  # context, not a target
+    # packed in one row, the targets are the same tokens
+    assert [tokenizer.decode([t for _, t in targets]) for targets in first["packed"]["targets"]] == ["on a hill<|im_end|>", "a dog<|im_end|>"]
+
+
+def test_dpo_scores_only_the_chosen_and_the_rejected_answer(tokenizer):
+    row = {"prompt": preference_prompt(), "chosen": [{"role": "assistant", "content": "on a hill above the harbour"}],
+           "rejected": [{"role": "assistant", "content": "I do not know."}]}
+    [pair] = encode_dpo(tokenizer, [row], max_length=512)
+    assert scored_runs(tokenizer, pair["chosen"]) == ["on a hill above the harbour<|im_end|>"]
+    assert scored_runs(tokenizer, pair["rejected"]) == ["I do not know.<|im_end|>"]
+    n = len(pair["chosen"]["input_ids"]) - len(tokenizer("on a hill above the harbour<|im_end|>\n", add_special_tokens=False)["input_ids"])
+    assert pair["chosen"]["input_ids"][:n] == pair["rejected"]["input_ids"][:n]  # one prompt, rendered once the same way
+    packed = pair["packed"]
+    assert [tokenizer.decode([t for _, t in targets]) for targets in packed["targets"]] == [
+        "on a hill above the harbour<|im_end|>", "I do not know.<|im_end|>"]
+    assert packed["segment"].count(0) == n  # the prompt is in the row once

@@ -43,6 +43,7 @@ max_steps = 7
 threads = 1
 val_fraction = 0.2
 device = "cpu"
+beta = 0.2
 """
 
 
@@ -55,7 +56,7 @@ def test_every_learn_train_key_of_a_config_file_reaches_the_trainer(tmp_path):
         "target_modules": ["q_proj", "v_proj"], "rank": 4, "alpha": 8, "dropout": 0.1, "learning_rate": 1e-3,
         "lr_scheduler": "linear", "warmup_ratio": 0.1, "epochs": 2, "batch_size": 2, "grad_accum": 2, "max_length": 256,
         "seed": 3, "train_on_inputs": "true", "qlora": False, "early_stopping_patience": 2, "min_examples": 4,
-        "max_steps": 7, "threads": 1, "val_fraction": 0.2, "device": "cpu",
+        "max_steps": 7, "threads": 1, "val_fraction": 0.2, "device": "cpu", "beta": 0.2,
     }
 
 
@@ -134,3 +135,13 @@ def test_metrics_port_still_loads_and_warns_once(tmp_path, monkeypatch, caplog):
         load_settings(None)
     warnings = [r.getMessage() for r in caplog.records if "metrics_port" in r.getMessage()]
     assert warnings == ["learn.metrics_port is deprecated and ignored: the learner's metrics are on the gateway's /metrics"]
+
+
+def test_min_examples_counts_before_the_validation_split():
+    """8 examples with min_examples 8 train (7 + 1 held for validation), as the data check allows."""
+    from learn.train_stages import check_cut
+    config = TrainConfig(min_examples=8)
+    check_cut(config, "sft", [{}] * 7, [{}])
+    for train_set, val_set in (([{}] * 6, [{}]), ([{}] * 8, []), ([], [{}] * 8)):
+        with pytest.raises(TrainError, match=r"sft: after cutting to max_length=384 only .* \(min_examples = 8\): raise max_length"):
+            check_cut(config, "sft", train_set, val_set)
