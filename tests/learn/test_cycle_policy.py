@@ -26,6 +26,7 @@ from learn.registry import Registry
 from learn.train import TrainResult
 from serve.settings import load_settings
 from tests.feedback.turns import write
+from tests.learn.fake_gateway import FakeGateway
 
 STORY = "Read the story and extract answers for the questions.\nStory: Ann has a red kite. She flies it on Sunday."
 URL = "http://gateway.test"
@@ -93,6 +94,7 @@ def scores(heldout=((0.2, 0.4), (0.6, 0.9)), regression=((0.5, 0.7), (0.5, 0.7))
 
 
 def cycle(settings, db, train, evaluate, **kw):
+    kw.setdefault("converge", FakeGateway(Registry(db)))  # the promotion path waits for a gateway to load the candidate
     return run_cycle(settings.learn, db=db, dirs=settings.learn_dirs, base_model=settings.base_model_path(), gateway_url=URL,
                      train=train, evaluate=evaluate, **kw)
 
@@ -197,7 +199,7 @@ def test_a_rollback_during_training_is_not_overridden(make):
     second = cycle(settings, db, Trainer(during=lambda: registry.rollback("chat")), evaluate)  # the operator rolls back mid-cycle
 
     assert second.champion == first.version and second.outcome == "rejected"
-    assert "production moved" in second.message and registry.prod("chat") is None
+    assert "moved meanwhile" in second.message and registry.prod("chat") is None
     assert registry.get(second.version).state == "rejected"
 
 
