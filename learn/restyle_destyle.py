@@ -120,17 +120,19 @@ def delete_markers(text: str, markers: list[str]) -> str:
 
 # --- the served model -----------------------------------------------------------------------
 
-async def ask_model(texts: list[str], *, url: str, model: str, prompt: str, concurrency: int = 8, max_tokens: int = 256,
-                    api_key: str | None = None) -> list[str]:
-    """Each text answered by the served `model` under the system `prompt` (greedy), in order."""
+async def ask_model(texts: list[str], *, url: str, model: str, prompt: str, concurrency: int = 8,
+                    max_tokens: int | Callable[[str], int] = 256, api_key: str | None = None) -> list[str]:
+    """Each text answered by the served `model` under the system `prompt` (greedy), in order;
+    `max_tokens` may depend on the text (a de-styling need not be much longer than its input)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=600) as client:
         async def one(text: str) -> str:
             async with sem:
                 messages = ([{"role": "system", "content": prompt}] if prompt else []) + [{"role": "user", "content": text}]
+                cap = max_tokens(text) if callable(max_tokens) else max_tokens
                 r = await client.post("/v1/chat/completions", json={
-                    "model": model, "temperature": 0, "max_tokens": max_tokens, "messages": messages})
+                    "model": model, "temperature": 0, "max_tokens": cap, "messages": messages})
                 r.raise_for_status()
                 return (r.json()["choices"][0]["message"]["content"] or "").strip()
         return list(await asyncio.gather(*(one(t) for t in texts)))
