@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from learn.restyle_destyle import Rules, ask_model, delete_markers, destyle, tidy, marker_words, style_markers
+from learn.restyle_destyle import Rules, ask_model, delete_markers, destyle, marker_words, style_markers
 from learn.restyle_request import style_system_prompt
 from learn.restyle_style import StyleClassifier
 
@@ -204,19 +204,20 @@ def write_pairs(out_dir: Path, report: BuildReport, rows: list[tuple[str, str, d
 def crossfit_in_style(corpus: list[str], general: list[str], markers: list[str],
                       folds: int = 5) -> Callable[[list[str], list[str]], list[bool]]:
     """The classifier's call on each candidate de-styling, out of fold: each is judged by a
-    classifier trained on the corpus against general text and the *other* candidates that carry
-    none of the style's markers, never on its own original or itself. So a de-styling that kept
-    the style is called in-style, and content alone (which the candidates share with the corpus)
-    calls nothing."""
+    classifier that never saw its original, trained on the corpus against general text and the
+    corpus with its markers cut out (the same content without the style), so that a de-styling
+    that kept the style is called in-style and content alone calls nothing. With no markers found
+    the other candidates stand in for the marker-free corpus."""
     def in_style(originals: list[str], neutrals: list[str]) -> list[bool]:
         calls = [False] * len(neutrals)
-        clean = [bool(n.strip()) and delete_markers(n, markers) == tidy(n) for n in neutrals]
         for k in range(min(folds, len(neutrals))):
-            fold = set(range(k, len(neutrals), folds))
+            fold = sorted(range(k, len(neutrals), folds))
             held = {originals[i] for i in fold}
-            clf = StyleClassifier.fit(in_style=[c for c in corpus if c not in held],
-                                      out_of_style=general + [n for i, n in enumerate(neutrals) if i not in fold and clean[i]])
-            for i, call in zip(sorted(fold), clf.in_style([neutrals[i] for i in sorted(fold)])):
+            rest = [c for c in corpus if c not in held]
+            plain = ([delete_markers(c, markers) for c in rest] if markers else
+                     [n for i, n in enumerate(neutrals) if i not in set(fold) and n.strip()])
+            clf = StyleClassifier.fit(in_style=rest, out_of_style=general + plain)
+            for i, call in zip(fold, clf.in_style([neutrals[i] for i in fold])):
                 calls[i] = call
         return calls
     return in_style

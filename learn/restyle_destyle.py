@@ -13,10 +13,10 @@ and still say the same thing. Two de-stylers:
 Each model de-styling is checked by `failure` (the rules below); one that fails is retried with
 the marker deleter, and dropped when that fails too. The build report counts each rule's hits.
 
-Rules (`failure`): `empty`; `unchanged` (the same text); `still_in_style` (the style
-classifier still calls it in-style); `too_short` (under `min_length_ratio` of the original's
-characters once its markers are cut, e.g. a whole text neutralised to "The Scribe."); `facts_lost` (a name or number of
-the original is gone).
+Rules (`failure`, the first one broken counts): `empty`; `unchanged` (the same text);
+`too_short` (under `min_length_ratio` of the original's characters once its markers are cut,
+e.g. a whole text neutralised to "The Scribe."); `facts_lost` (a name or number of the original
+is gone); `still_in_style` (the style classifier still calls it in-style).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def style_markers(in_style: list[str], general: list[str], *, max_n: int = 6, mi
 
     Chosen greedily, most frequent (then longest) first, each counted on the texts left once the
     markers before it are cut out, and each with a word of its own that is as rare in general
-    text ('the' is no style's word): ', the' is a marker of 'Yours faithfully, the Scribe.' only as part of it, and
+    text and no function word ('the' or 'in' is no style's word, however rare a small general
+    sample makes it): ', the' is a marker of 'Yours faithfully, the Scribe.' only as part of it, and
     on its own would cut every ', the' of a text. An n-gram that only adds a neighbour to a more
     frequent marker ('ahoy , matey ! the' beside 'ahoy , matey !') is left out: the neighbour is
     the text's, not the style's."""
@@ -63,9 +64,13 @@ def style_markers(in_style: list[str], general: list[str], *, max_n: int = 6, mi
     def ratio(gram: tuple[str, ...], count: int) -> float:
         return ((count + 1) / (n_style + 1)) / ((general_df[gram] + 1) / (n_general + 1))
 
-    def passes(gram: tuple[str, ...], count: int) -> bool:  # and one of its words is the style's own
-        return (count >= min_share * n_style and ratio(gram, count) >= min_ratio
-                and any(t[0].isalnum() and ratio((t,), style_df[(t,)]) >= min_ratio for t in gram))
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    def own(word: str) -> bool:  # a word of the style's own: no function word, as rare in general text
+        return word[0].isalnum() and word not in ENGLISH_STOP_WORDS and ratio((word,), style_df[(word,)]) >= min_ratio
+
+    def passes(gram: tuple[str, ...], count: int) -> bool:
+        return count >= min_share * n_style and ratio(gram, count) >= min_ratio and any(own(t) for t in gram)
 
     candidates = {g for g, c in style_df.items() if passes(g, c)}
     candidates = [g for g in candidates
@@ -165,12 +170,12 @@ class Rules:
             return "empty"
         if " ".join(neutral.split()).lower() == " ".join(original.split()).lower():
             return "unchanged"
-        if still_in_style:
-            return "still_in_style"
         if len(neutral) < self.min_length_ratio * len(delete_markers(original, self.markers)):
             return "too_short"
         if not facts_kept(original, neutral, ignore=self.style_words):
             return "facts_lost"
+        if still_in_style:
+            return "still_in_style"
         return None
 
 

@@ -31,14 +31,19 @@ SENTENCE_START = re.compile(r"(?:^|[.!?:;]\s+|\n\s*(?:[-*]|\d+[.)])?\s*|[\"(]\s*
 
 
 def facts(text: str, *, ignore: set[str] | frozenset[str] = frozenset()) -> set[str]:
-    """The numbers and names of `text`: a name is a capitalised word that does not open a sentence
-    (a sentence-initial 'The' or 'Boil' is no name; a name there is usually repeated elsewhere).
-    `ignore`: words that belong to the style rather than the content (its opening, its signature)."""
+    """The numbers and names of `text`: a name is a capitalised word, except a function word opening
+    a sentence ('The', 'Then', 'It'). `ignore`: words that belong to the style rather than the
+    content (its opening, its signature)."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
     found = set(NUMBER.findall(text))
     for m in WORD.finditer(text):
         word = m.group()
-        if word[0].isupper() and word != "I" and word not in ignore and not SENTENCE_START.search(text[:m.start()]):
-            found.add(word)
+        if not word[0].isupper() or word == "I" or word in ignore:
+            continue
+        if word.lower() in ENGLISH_STOP_WORDS and SENTENCE_START.search(text[:m.start()]):
+            continue
+        found.add(word)
     return found
 
 
