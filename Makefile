@@ -42,6 +42,7 @@ bench: install
 	$(PY) bench/curation.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/hotswap.py
+	$(PY) bench/restyle.py
 
 clean:
 	rm -rf $(VENV) .pytest-data bench/results
