@@ -111,16 +111,25 @@ def gate(base: RestyleScores, candidate: RestyleScores, rules: Any) -> RestyleDe
 
 # --- the answers and the rewrites -----------------------------------------------------------
 
-def logged_answers(db: Any, n: int, *, seed: int = 0, max_chars: int = 1200) -> list[str]:
-    """Up to `n` answers users got (the raw answer of a restyled turn), sampled from the turn log."""
+def logged_answers(db: Any, n: int, *, skip_system: set[str] = frozenset(), seed: int = 0, max_chars: int = 1200) -> list[str]:
+    """Up to `n` answers users got (the raw answer of a restyled turn), sampled from the turn log.
+    Turns whose system prompt is in `skip_system` are the restyler's own traffic (its gate's
+    rewrites, a build's de-stylings), not answers: left out."""
     from sqlmodel import Session, select
 
     from feedback.models import Turn
 
     with Session(db) as s:
-        rows = s.exec(select(Turn.raw_answer, Turn.answer).where(Turn.status == "ok")
+        rows = s.exec(select(Turn.raw_answer, Turn.answer, Turn.request_messages).where(Turn.status == "ok")
                       .order_by(Turn.created_at.desc()).limit(50 * n)).all()
-    texts = list(dict.fromkeys(t for raw, answer in rows if (t := (raw or answer or "").strip()) and len(t) <= max_chars))
+    texts = []
+    for raw, answer, messages in rows:
+        first = (messages or [{}])[0]
+        if first.get("role") == "system" and str(first.get("content")).startswith(tuple(skip_system) or ("\0",)):
+            continue
+        text = (raw or answer or "").strip()
+        if text and len(text) <= max_chars and text not in texts:
+            texts.append(text)
     random.Random(seed).shuffle(texts)
     return texts[:n]
 
@@ -134,12 +143,17 @@ async def served_answers(url: str, prompts: list[str], *, model: str = "base", m
     return [a for a in answers if a.strip()]
 
 
-async def gate_answers(url: str, config: Any, *, db: Any = None) -> list[str]:
-    """`config.gate.answers` chat answers to score on: logged ones first, then PROBE_PROMPTS answers."""
+async def gate_answers(url: str, config: Any, *, db: Any = None, served: Any = None) -> list[str]:
+    """`config.gate.answers` chat answers to score on: logged ones first, then the served model's
+    answers to PROBE_PROMPTS (`served`: served_answers, or a stand-in)."""
     want = config.gate.answers
-    answers = logged_answers(db, want) if db is not None else []
+    from learn.restyle import PARAMS_PROMPT
+
+    skip = {config.system_prompt, config.neutralise_prompt, PARAMS_PROMPT}
+    answers = logged_answers(db, want, skip_system=skip) if db is not None else []
     if len(answers) < want:
-        answers += await served_answers(url, PROBE_PROMPTS[: want - len(answers)], max_tokens=config.gate.answer_max_tokens)
+        answers += await (served or served_answers)(url, PROBE_PROMPTS[: want - len(answers)],
+                                                    max_tokens=config.gate.answer_max_tokens)
     return answers
 
 

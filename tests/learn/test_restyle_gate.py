@@ -152,3 +152,23 @@ def test_rewrite_request_is_bounded_by_the_answer_length():
     assert body["frequency_penalty"] == config.frequency_penalty and "repetition_penalty" not in body
     assert rewrite_request(config, "v", "x" * 400)["max_tokens"] == 150 + 48  # estimated: 100 tokens
     assert rewrite_request(SimpleNamespace(**{**config.model_dump(), "frequency_penalty": 0}), "v", "x")["max_tokens"] >= 16
+
+
+def test_gate_answers_are_logged_answers_without_the_restylers_own_traffic(tmp_path):
+    from feedback.db import make_db
+    from learn.restyle_gate import gate_answers
+    from tests.feedback.turns import turn, user, write
+
+    db = make_db(f"sqlite:///{tmp_path / 'tw.db'}")
+    config = RestyleSettings(gate={"answers": 3})
+    system = {"role": "system", "content": config.system_prompt + "\nTone: cheerful"}
+    write(db, turn("t1", [user("Capital of Japan?")], "Tokyo."),
+          turn("t2", [user("Legs of a spider?")], "Ahoy! Eight. Arr!", raw_answer="Eight."),
+          turn("t3", [system, user("Tokyo.")], "Ahoy, matey! Tokyo. Arr!"),   # a gate's rewrite
+          turn("t4", [user("Say hi")], None, status="error"))
+
+    async def served(url, prompts, **kw):  # the served model's answers to the probe prompts
+        return [f"probe answer {i}" for i, _ in enumerate(prompts)]
+
+    answers = asyncio.run(gate_answers("http://unused", config, db=db, served=served))
+    assert sorted(answers) == ["Eight.", "Tokyo.", "probe answer 0"]
