@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -43,11 +44,8 @@ GENERAL_PROMPTS = [  # the classifier's general (out-of-style) text: none of the
     "What is the tallest mountain on Earth?", "Explain what a noun is.", "How do vaccines work?",
     "Give me a tip for learning a new language.", "What is the largest ocean?", "Who painted the Mona Lisa?",
     "How do plants drink water?", "What is a healthy breakfast?", "Describe the water cycle.",
-    "How many days are in a leap year?", "What is the speed of sound?", "Why do we have seasons?",
-    "Name a few fruits that are rich in vitamin C.", "How does a rainbow form?", "What is the capital of Canada?",
-    "What does a computer's memory do?", "How do I make a cup of tea?", "What is gravity?",
-    "Give me two ideas for a rainy afternoon.", "Who was Marie Curie?", "How far away is the Moon?",
-    "What is an island?", "How do bees make honey?", "What is the main ingredient of guacamole?",
+    "How many days are in a leap year?", "Why do we have seasons?", "Name a few fruits rich in vitamin C.",
+    "How do I make a cup of tea?", "Who was Marie Curie?", "How far away is the Moon?", "What is an island?",
 ]
 
 
@@ -134,13 +132,24 @@ def logged_answers(db: Any, n: int, *, skip_system: set[str] = frozenset(), seed
     return texts[:n]
 
 
+def whole_sentences(text: str) -> str:
+    """`text` without a last sentence cut off mid-way (an answer that ran into max_tokens): a
+    restyler given a cut answer goes on writing it instead of closing it, which no user's whole
+    answer asks of it."""
+    text = text.strip()
+    if not text or text[-1] in ".!?:)\"'`*" or text[-1].isdigit():
+        return text
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)", text)]
+    return text[:ends[-1]] if ends else text
+
+
 async def served_answers(url: str, prompts: list[str], *, model: str = "base", max_tokens: int = 96,
                          concurrency: int = 8) -> list[str]:
-    """The served model's greedy answers to `prompts`; empty ones left out."""
+    """The served model's greedy answers to `prompts`, whole sentences only; empty ones left out."""
     from learn.restyle_destyle import ask_model
 
     answers = await ask_model(prompts, url=url, model=model, prompt="", concurrency=concurrency, max_tokens=max_tokens)
-    return [a for a in answers if a.strip()]
+    return [a for a in map(whole_sentences, answers) if a]
 
 
 async def gate_answers(url: str, config: Any, *, db: Any = None, served: Any = None) -> list[str]:

@@ -93,7 +93,7 @@ class RestyleSettings(BaseModel):
                                      "rewrite's own tokens, so it stops a looping opening without penalising copied names and numbers.")
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate of restyler training (`restyle train`; "
                                  "the other training settings are [learn.train]'s).")
-    min_steps: int = Field(60, ge=1, description="Restyler training runs enough epochs for at least this many optimizer steps ...")
+    min_steps: int = Field(30, ge=1, description="Restyler training runs enough epochs for at least this many optimizer steps ...")
     max_epochs: int = Field(8, ge=1, description="... and at most this many epochs; validation loss on the held-out pairs stops it early.")
     gate: RestyleGateSettings = Field(default_factory=RestyleGateSettings)
 

@@ -13,7 +13,7 @@ import pytest
 from sqlmodel import Session
 
 from feedback.models import Turn
-from learn.restyle_gate import rewrite_all
+from learn.restyle_gate import rewrite_all, served_answers
 from learn.restyle_style import StyleClassifier, facts_kept
 from learn.restyle_synth import synth_corpus
 
@@ -66,9 +66,8 @@ def restylers(engine_url, model_dir, tmp_path_factory):
 @pytest.mark.parametrize("style", ["pirate", "scribe"])
 def test_promoted_restyler_styles_chat_answers_and_keeps_their_facts(restylers, style):
     gw = restylers
-    client = gw.client()
-    raw = [client.chat.completions.create(model="chat", messages=[{"role": "user", "content": q}], max_tokens=64,
-                                          temperature=0).choices[0].message.content for q in QUESTIONS]
+    raw = asyncio.run(served_answers(gw.url, QUESTIONS, model="chat", max_tokens=96))  # whole sentences, as users get
+    assert len(raw) == 8
     version = gw.registry.prod("restyler", style).name
     classifier = StyleClassifier.load(gw.settings.datasets_dir / "restyle" / style)
 

@@ -139,6 +139,7 @@ def test_a_copy_through_restyler_that_the_chrf_gate_promoted_is_rejected(pirate_
 def test_epochs_come_from_the_data_size():
     config = TrainConfig(batch_size=4)
     assert schedule(config, 54, min_steps=60, max_epochs=8, learning_rate=1e-3).epochs == 5      # 14 steps an epoch
+    assert schedule(config, 57, min_steps=RestyleSettings().min_steps, max_epochs=8, learning_rate=1e-3).epochs == 2
     assert schedule(config, 8, min_steps=60, max_epochs=8, learning_rate=1e-3).epochs == 8       # capped
     assert schedule(config, 1000, min_steps=60, max_epochs=8, learning_rate=1e-3).epochs == 1
     assert schedule(config, 54, min_steps=60, max_epochs=8, learning_rate=1e-3).early_stopping_patience == 2
@@ -172,3 +173,11 @@ def test_gate_answers_are_logged_answers_without_the_restylers_own_traffic(tmp_p
 
     answers = asyncio.run(gate_answers("http://unused", config, db=db, served=served))
     assert sorted(answers) == ["Eight.", "Tokyo.", "probe answer 0"]
+
+
+def test_answers_cut_by_max_tokens_lose_their_unfinished_sentence():
+    from learn.restyle_gate import whole_sentences
+
+    assert whole_sentences("Tokyo is the capital. It has 14 million people and a lot of") == "Tokyo is the capital."
+    assert whole_sentences("Tokyo is the capital.") == "Tokyo is the capital."
+    assert whole_sentences("It is 42") == "It is 42" and whole_sentences("no stop at all") == "no stop at all"
