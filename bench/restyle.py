@@ -47,7 +47,7 @@ def cli(*args: str, env: dict[str, str]) -> str:
     result = CliRunner().invoke(app, list(args), env=env)
     print(result.output.rstrip())
     if result.exit_code != 0:
-        raise SystemExit(f"tunewheel {' '.join(args[:2])} failed (exit {result.exit_code})")
+        raise SystemExit(f"tunewheel {' '.join(args[:2])} failed (exit {result.exit_code}): {result.exception!r}")
     return result.output
 
 
@@ -60,12 +60,17 @@ def train_one(engine_url: str, style: str, work: Path, servers: list) -> tuple[s
     from serve.gateway.app import create_app, make_writer
     from serve.settings import load_settings
 
-    settings = load_settings(None, data_dir=work, engine={"url": engine_url}, serve={"port": free_port()})
+    import httpx
+
+    # the model folder the engine serves (its tokenizer counts chunk and pair tokens)
+    model = httpx.get(f"{engine_url}/v1/models", timeout=30).json()["data"][0]["root"]
+    settings = load_settings(None, data_dir=work, engine={"url": engine_url, "model": model}, serve={"port": free_port()})
     writer = make_writer(settings)
     server = ServerThread(create_app(settings, writer=writer, registry=Registry(writer.engine)), "127.0.0.1",
                           settings.serve.port).start()
     servers.append(server)
-    env = {"TUNEWHEEL_DATA_DIR": str(work), "TUNEWHEEL_ENGINE__URL": engine_url, "TUNEWHEEL_STORE__URL": settings.store_url}
+    env = {"TUNEWHEEL_DATA_DIR": str(work), "TUNEWHEEL_ENGINE__URL": engine_url, "TUNEWHEEL_ENGINE__MODEL": model,
+           "TUNEWHEEL_STORE__URL": settings.store_url}
     corpus = work / f"{style}.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in synth_corpus(60, seed=0, style=style)))
     seconds = {}

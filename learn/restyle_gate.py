@@ -109,10 +109,12 @@ def gate(base: RestyleScores, candidate: RestyleScores, rules: Any) -> RestyleDe
 
 # --- the answers and the rewrites -----------------------------------------------------------
 
-def logged_answers(db: Any, n: int, *, skip_system: set[str] = frozenset(), seed: int = 0, max_chars: int = 1200) -> list[str]:
+def logged_answers(db: Any, n: int, *, skip_system: set[str] = frozenset(), exclude: set[str] = frozenset(), seed: int = 0,
+                   max_chars: int = 1200) -> list[str]:
     """Up to `n` answers users got (the raw answer of a restyled turn), sampled from the turn log.
     Turns whose system prompt is in `skip_system` are the restyler's own traffic (its gate's
-    rewrites, a build's de-stylings), not answers: left out."""
+    rewrites, a build's de-stylings), not answers: left out, and so are the texts in `exclude`
+    (the style classifier's own training texts: scored on them it would judge from memory)."""
     from sqlmodel import Session, select
 
     from feedback.models import Turn
@@ -125,8 +127,9 @@ def logged_answers(db: Any, n: int, *, skip_system: set[str] = frozenset(), seed
         first = (messages or [{}])[0]
         if first.get("role") == "system" and str(first.get("content")).startswith(tuple(skip_system) or ("\0",)):
             continue
-        text = (raw or answer or "").strip()
-        if text and len(text) <= max_chars and text not in texts:
+        text = whole_sentences(raw or answer or "")
+        seen = text in texts or text in exclude or (raw or answer or "").strip() in exclude
+        if text and len(text) <= max_chars and not seen:
             texts.append(text)
     random.Random(seed).shuffle(texts)
     return texts[:n]
@@ -152,14 +155,15 @@ async def served_answers(url: str, prompts: list[str], *, model: str = "base", m
     return [a for a in map(whole_sentences, answers) if a]
 
 
-async def gate_answers(url: str, config: Any, *, db: Any = None, served: Any = None) -> list[str]:
+async def gate_answers(url: str, config: Any, *, db: Any = None, served: Any = None,
+                       exclude: set[str] = frozenset()) -> list[str]:
     """`config.gate.answers` chat answers to score on: logged ones first, then the served model's
     answers to PROBE_PROMPTS (`served`: served_answers, or a stand-in)."""
     want = config.gate.answers
     from learn.restyle import PARAMS_PROMPT
 
     skip = {config.system_prompt, config.neutralise_prompt, PARAMS_PROMPT}
-    answers = logged_answers(db, want, skip_system=skip) if db is not None else []
+    answers = logged_answers(db, want, skip_system=skip, exclude=exclude) if db is not None else []
     if len(answers) < want:
         answers += await (served or served_answers)(url, PROBE_PROMPTS[: want - len(answers)],
                                                     max_tokens=config.gate.answer_max_tokens)

@@ -86,7 +86,8 @@ def schedule(config: TrainConfig, n_train: int, *, min_steps: int, max_epochs: i
 async def score_candidate(url: str, config: RestyleSettings, version: str, *, classifier: StyleClassifier,
                           heldout: list[tuple[str, str, str]], db: Any = None) -> tuple[Any, Any, dict]:
     """(base scores, candidate scores, candidate latency) on the gate's chat answers."""
-    answers = await gate_answers(url, config, db=db)
+    answers = await gate_answers(url, config, db=db,
+                                 exclude=set(classifier.in_style_texts) | set(classifier.out_of_style_texts))
     neutral, styled = [p[1] for p in heldout], [p[2] for p in heldout]
     results = {}
     for model in ("base", f"chat@{version}"):

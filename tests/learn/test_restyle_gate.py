@@ -181,3 +181,20 @@ def test_answers_cut_by_max_tokens_lose_their_unfinished_sentence():
     assert whole_sentences("Tokyo is the capital. It has 14 million people and a lot of") == "Tokyo is the capital."
     assert whole_sentences("Tokyo is the capital.") == "Tokyo is the capital."
     assert whole_sentences("It is 42") == "It is 42" and whole_sentences("no stop at all") == "no stop at all"
+
+
+def test_gate_answers_leave_out_the_classifiers_own_texts(tmp_path):
+    from feedback.db import make_db
+    from learn.restyle_gate import gate_answers
+    from tests.feedback.turns import turn, user, write
+
+    db = make_db(f"sqlite:///{tmp_path / 'tw.db'}")
+    write(db, turn("t1", [user("Tallest mountain?")], "Everest is 8,849 m high."),   # a build's general answer
+          turn("t2", [user("Capital of Japan?")], "Tokyo. It has 14 million people and a"))
+
+    async def served(url, prompts, **kw):
+        return [f"probe answer {i}" for i, _ in enumerate(prompts)]
+
+    answers = asyncio.run(gate_answers("http://unused", RestyleSettings(gate={"answers": 2}), db=db, served=served,
+                                       exclude={"Everest is 8,849 m high."}))
+    assert sorted(answers) == ["Tokyo.", "probe answer 0"]  # and a cut answer is cut back to whole sentences
