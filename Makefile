@@ -49,6 +49,7 @@ bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/hotswap.py
 	$(PY) bench/faults.py
+	$(PY) bench/restyle.py
 
 # The common commands, without activating the venv.
 serve: install

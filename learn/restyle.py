@@ -1,38 +1,48 @@
-"""The restyler's data: target-style texts -> (neutral text -> original text) chat pairs.
+"""The restyler's dataset: target-style texts -> (neutral text -> original text) chat pairs.
 
-    tunewheel restyle synth --out corpus.jsonl          # a small house-style corpus (tests, demo)
+    tunewheel restyle synth --style pirate --out corpus.jsonl   # a small house-style corpus (tests, demo)
     tunewheel restyle build --style pirate --texts corpus.jsonl
 
+    report = await build_dataset(chunks, style="pirate", out_dir=d, general=answers, destyle_model=ask, ...)
+
 A restyler is trained by running the method backwards: take texts already written in the
-target style, chop them into single-idea chunks, strip their style with the served model
-(the neutralising prompt), and train on neutral -> original. The reverse pairs train a
-de-styler. Its gate (`gate`) asks that the trained rewrite be closer to the original (chrF)
-than the base model's with the same prompt, and that it keeps the neutral text's numbers
-and names.
+target style, cut them into chunks the size of chat answers, strip their style
+(learn/restyle_destyle.py: the served model, checked and retried by deleting the style's
+markers), and train on neutral -> original. The reverse pairs train a de-styler. A text that
+fits stays whole (an opening and a signature belong to the whole text); a longer one is cut
+into chunks of varied size, from one sentence to three paragraphs. The build also trains the
+style classifier the gate scores with (learn/restyle_style.py) and writes `build.json`, which
+counts what each rule removed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
+from learn.restyle_destyle import Rules, ask_model, delete_markers, destyle, marker_words, style_markers
+from learn.restyle_request import style_system_prompt
+from learn.restyle_style import StyleClassifier
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'])")
-NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-NAME = re.compile(r"\b[A-Z][a-z]+\b")
-# Capitalised words that open sentences rather than name things.
-NOT_NAMES = {"The", "A", "An", "On", "In", "At", "It", "He", "She", "They", "We", "I", "This", "That", "There",
-             "Then", "And", "But", "So", "If", "When", "While", "After", "Before", "His", "Her", "Their", "Its"}
+STYLE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
 
 
 class RestyleDataError(ValueError):
-    """A bad input text or line; the message names the file and line."""
+    """A bad input text, line or style name; the message says what to fix."""
+
+
+def check_style_name(style: str) -> str:
+    """A style name is a registry key and a folder name: lowercase letters, digits and _, nothing
+    that could climb out of the data directory (`../../x`)."""
+    if not STYLE_NAME.match(style):
+        raise RestyleDataError(f"style {style!r} is not a valid style name: use lowercase letters, digits and "
+                               "underscores (at most 64, starting with a letter or digit), e.g. pirate or house_style")
+    return style
 
 
 # --- reading and chunking --------------------------------------------------------------
@@ -66,57 +76,59 @@ def split_sentences(paragraph: str) -> list[str]:
     return [s.strip() for s in SENTENCE_END.split(paragraph.strip()) if s.strip()]
 
 
-def chunk_text(text: str, *, count_tokens: Callable[[str], int], max_tokens: int = 200, max_paragraphs: int = 3) -> list[str]:
-    """Single-idea chunks: 1 to `max_paragraphs` whole paragraphs within `max_tokens`.
-
-    A paragraph longer than the limit is split at sentence boundaries; a single sentence
-    longer than the limit stays whole (cutting it mid-sentence would break its idea).
+def chunk_text(text: str, *, count_tokens: Callable[[str], int], max_tokens: int = 160, max_paragraphs: int = 3,
+               rng: random.Random | None = None) -> list[str]:
+    """Chunks the size of chat answers. A text within `max_tokens` and `max_paragraphs` stays
+    whole. A longer one is cut into chunks of varied size, drawn for each chunk: one or two
+    sentences, or one to `max_paragraphs` whole paragraphs, always within `max_tokens` (a
+    paragraph over the limit is cut at sentence boundaries; a single sentence over it stays whole).
     """
-    pieces: list[str] = []
-    for para in (p.strip() for p in re.split(r"\n\s*\n", text)):
-        if not para:
-            continue
-        if count_tokens(para) <= max_tokens:
-            pieces.append(para)
-            continue
-        current: list[str] = []
-        for sentence in split_sentences(para):
-            if current and count_tokens(" ".join(current + [sentence])) > max_tokens:
-                pieces.append(" ".join(current))
-                current = []
-            current.append(sentence)
-        if current:
-            pieces.append(" ".join(current))
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if not paragraphs:
+        return []
+    if len(paragraphs) <= max_paragraphs and count_tokens("\n\n".join(paragraphs)) <= max_tokens:
+        return ["\n\n".join(paragraphs)]
+    rng = rng or random.Random(0)
+    queue = [split_sentences(p) for p in paragraphs]  # each paragraph as its sentences
     chunks: list[str] = []
-    group: list[str] = []
-    for piece in pieces:
-        if group and (len(group) >= max_paragraphs or count_tokens("\n\n".join(group + [piece])) > max_tokens):
+    while queue:
+        size = rng.choice(["sentences"] + [f"{k}" for k in range(1, max_paragraphs + 1)])
+        if size == "sentences" and len(queue[0]) > 1:
+            take = rng.randint(1, min(2, len(queue[0]) - 1))
+            chunks.append(_fit(queue[0][:take], count_tokens, max_tokens, chunks))
+            queue[0] = queue[0][take:]
+            continue
+        group: list[str] = []
+        for _ in range(1 if size == "sentences" else int(size)):
+            if not queue:
+                break
+            para = " ".join(queue[0])
+            if group and count_tokens("\n\n".join(group + [para])) > max_tokens:
+                break
+            if count_tokens(para) > max_tokens:
+                if not group:
+                    chunks.append(_fit(queue[0], count_tokens, max_tokens, chunks, rest=queue))
+                break
+            group.append(para)
+            queue.pop(0)
+        if group:
             chunks.append("\n\n".join(group))
-            group = []
-        group.append(piece)
-    if group:
-        chunks.append("\n\n".join(group))
     return chunks
 
 
-# --- de-styling through the served model -----------------------------------------------
+def _fit(sentences: list[str], count_tokens, max_tokens: int, chunks: list[str], rest: list | None = None) -> str:
+    """As many of `sentences` as fit (at least one); with `rest`, the sentences left go back on it."""
+    take = 1
+    while take < len(sentences) and count_tokens(" ".join(sentences[:take + 1])) <= max_tokens:
+        take += 1
+    if rest is not None:
+        rest[0] = sentences[take:]
+        if not rest[0]:
+            rest.pop(0)
+    return " ".join(sentences[:take])
 
-async def neutralise(chunks: list[str], *, url: str, model: str, prompt: str, concurrency: int = 8,
-                     max_tokens: int = 256, api_key: str | None = None) -> list[str]:
-    """Each chunk rewritten as neutral prose by the served model (greedy), in order."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=300) as client:
-        async def one(chunk: str) -> str:
-            async with sem:
-                r = await client.post("/v1/chat/completions", json={
-                    "model": model, "temperature": 0, "max_tokens": max_tokens,
-                    "messages": [{"role": "system", "content": prompt}, {"role": "user", "content": chunk}],
-                })
-                r.raise_for_status()
-                return r.json()["choices"][0]["message"]["content"].strip()
-        return list(await asyncio.gather(*(one(c) for c in chunks)))
 
+# --- style parameters --------------------------------------------------------------------
 
 PARAMS_PROMPT = ("Describe the tone and the mood of the following text, one word each, "
                  "exactly as: tone: <word>; mood: <word>")
@@ -128,29 +140,35 @@ def parse_params(text: str) -> dict[str, str]:
     return {k.lower(): v.lower() for k, v in _PARAM.findall(text)}
 
 
-async def extract_params(chunks: list[str], *, url: str, model: str, concurrency: int = 8) -> list[dict[str, str]]:
+async def extract_params(chunks: list[str], *, url: str, model: str, concurrency: int = 8,
+                         api_key: str | None = None) -> list[dict[str, str]]:
     """Style parameters of each chunk, asked of the served model before de-styling."""
-    answers = await neutralise(chunks, url=url, model=model, prompt=PARAMS_PROMPT, concurrency=concurrency, max_tokens=16)
+    answers = await ask_model(chunks, url=url, model=model, prompt=PARAMS_PROMPT, concurrency=concurrency, max_tokens=16,
+                              api_key=api_key)
     return [parse_params(a) for a in answers]
 
+
+# --- pairs and the build ------------------------------------------------------------------
 
 @dataclass
 class BuildReport:
     style: str
     texts: int = 0
     chunks: int = 0
+    chunk_tokens: dict[str, int] = field(default_factory=dict)
+    """Smallest, median and largest chunk, in tokens."""
+    markers: list[str] = field(default_factory=list)
+    """The style's markers the de-styler deletes."""
+    destyled_by: dict[str, int] = field(default_factory=dict)
+    """Kept de-stylings by who made them: the served model, or marker deletion (a retry)."""
+    retried: dict[str, int] = field(default_factory=dict)
+    """Model de-stylings retried by marker deletion, by the rule they broke."""
+    removed: dict[str, int] = field(default_factory=dict)
+    """Chunks dropped, by rule (after the retry), including pairs over the token limit (too_long)."""
     pairs_train: int = 0
     pairs_heldout: int = 0
-    dropped_empty: int = 0
+    classifier: dict[str, int] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
-
-
-def style_system_prompt(base: str, params: dict[str, str] | None) -> str:
-    """The restyler's system prompt with style parameters (tone, mood) appended; training and
-    serving (a request's `style_params`) both use this one format."""
-    if not params:
-        return base
-    return base + "\n" + "\n".join(f"{k.capitalize()}: {v}" for k, v in sorted(params.items()))
 
 
 def pair(system: str, user: str, assistant: str) -> dict:
@@ -158,25 +176,21 @@ def pair(system: str, user: str, assistant: str) -> dict:
                          {"role": "assistant", "content": assistant}]}
 
 
-def write_pairs(out_dir: Path, style: str, chunks: list[str], neutral: list[str], *, system_prompt: str,
-                neutralise_prompt: str, heldout_fraction: float = 0.1, seed: int = 0,
-                params: list[dict[str, str]] | None = None) -> BuildReport:
-    """train/heldout JSONL of (neutral -> original) and the reverse (original -> neutral).
+PAIR_FILES = {"train": "restyle.train.jsonl", "heldout": "restyle.heldout.jsonl",
+              "destyle_train": "destyle.train.jsonl", "destyle_heldout": "destyle.heldout.jsonl"}
 
-    With `params` (one dict per chunk), each pair's system prompt carries that chunk's style
+
+def write_pairs(out_dir: Path, report: BuildReport, rows: list[tuple[str, str, dict]], *, system_prompt: str,
+                neutralise_prompt: str, heldout_fraction: float = 0.1, seed: int = 0) -> None:
+    """train/heldout JSONL of (neutral -> original) and the reverse (original -> neutral); `rows`:
+    (original, neutral, style parameters). Each pair's system prompt carries its chunk's style
     parameters, formatted as the gateway formats a request's `style_params`."""
-    report = BuildReport(style=style, chunks=len(chunks))
-    params = params or [{} for _ in chunks]
-    rows = [(o, n, p) for o, n, p in zip(chunks, neutral, params) if n.strip()]
-    report.dropped_empty = len(chunks) - len(rows)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_held = max(1, round(len(rows) * heldout_fraction)) if len(rows) > 1 else 0
     held = set(order[:n_held])
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = {"train": "restyle.train.jsonl", "heldout": "restyle.heldout.jsonl",
-             "destyle_train": "destyle.train.jsonl", "destyle_heldout": "destyle.heldout.jsonl"}
-    handles = {k: (out_dir / v).open("w", encoding="utf-8") for k, v in names.items()}
+    handles = {k: (out_dir / v).open("w", encoding="utf-8") for k, v in PAIR_FILES.items()}
     try:
         for i, (original, neutral_text, chunk_params) in enumerate(rows):
             split = "heldout" if i in held else "train"
@@ -185,80 +199,56 @@ def write_pairs(out_dir: Path, style: str, chunks: list[str], neutral: list[str]
     finally:
         for h in handles.values():
             h.close()
-    report.pairs_heldout = len(held)
-    report.pairs_train = len(rows) - len(held)
-    report.files = {k: str(out_dir / v) for k, v in names.items()}
-    (out_dir / "build.json").write_text(json.dumps(asdict(report), indent=2))
+    report.pairs_heldout, report.pairs_train = len(held), len(rows) - len(held)
+    report.files = {k: str(out_dir / v) for k, v in PAIR_FILES.items()}
+
+
+def crossfit_in_style(corpus: list[str], general: list[str], markers: list[str],
+                      folds: int = 5) -> Callable[[list[str], list[str]], list[bool]]:
+    """The classifier's call on each candidate de-styling, out of fold: each is judged by a
+    classifier that never saw its original, trained on the corpus against general text and the
+    corpus with its markers cut out (the same content without the style), so that a de-styling
+    that kept the style is called in-style and content alone calls nothing. With no markers found
+    the other candidates stand in for the marker-free corpus."""
+    def in_style(originals: list[str], neutrals: list[str]) -> list[bool]:
+        calls = [False] * len(neutrals)
+        for k in range(min(folds, len(neutrals))):
+            fold = sorted(range(k, len(neutrals), folds))
+            held = {originals[i] for i in fold}
+            rest = [c for c in corpus if c not in held]
+            plain = ([delete_markers(c, markers) for c in rest] if markers else
+                     [n for i, n in enumerate(neutrals) if i not in set(fold) and n.strip()])
+            clf = StyleClassifier.fit(in_style=rest, out_of_style=general + plain)
+            for i, call in zip(fold, clf.in_style([neutrals[i] for i in fold])):
+                calls[i] = call
+        return calls
+    return in_style
+
+
+async def build_dataset(chunks: list[str], *, style: str, out_dir: Path, general: list[str],
+                        destyle_model: Callable[[list[str]], Awaitable[list[str]]] | None, system_prompt: str,
+                        neutralise_prompt: str, count_pairs: Callable[[list[list[dict]]], list[int]], max_length: int,
+                        params: list[dict[str, str]] | None = None, seed: int = 0) -> BuildReport:
+    """De-style `chunks`, drop what failed, write the pairs, the style classifier and build.json.
+    `general`: the served model's answers to general prompts (out-of-style text); `count_pairs`:
+    tokens of chat examples (the trainer's count); pairs over `max_length` are dropped (too_long)."""
+    report = BuildReport(style=style, chunks=len(chunks))
+    report.markers = style_markers(chunks, general)
+    rules = Rules(in_style=crossfit_in_style(chunks, general, report.markers), markers=report.markers)
+    neutral, log = await destyle(chunks, rules=rules, markers=report.markers, model=destyle_model)
+    report.destyled_by = {"model": log.by_model, "markers": log.by_markers}
+    report.retried, report.removed = log.retried, dict(log.removed)
+    params = params or [{} for _ in chunks]
+    rows = [(o, n, p) for o, n, p in zip(chunks, neutral, params) if n is not None]
+    lengths = count_pairs([pair(style_system_prompt(system_prompt, p), n, o)["messages"] for o, n, p in rows])
+    fitting = [r for r, n in zip(rows, lengths) if n <= max_length]
+    if len(fitting) < len(rows):
+        report.removed["too_long"] = len(rows) - len(fitting)
+    write_pairs(out_dir, report, fitting, system_prompt=system_prompt, neutralise_prompt=neutralise_prompt, seed=seed)
+    kept_neutral = [n for _, n, _ in fitting]
+    if fitting:
+        StyleClassifier.fit(in_style=chunks, out_of_style=kept_neutral + general).save(out_dir)
+    report.classifier = {"in_style": len(chunks), "out_of_style": len(kept_neutral) + len(general)}
+    (out_dir / "general.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in general), encoding="utf-8")
+    (out_dir / "build.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
-
-
-# --- the gate --------------------------------------------------------------------------
-
-def content_kept(source: str, output: str) -> bool:
-    """Every number and capitalised name of the neutral text appears in the rewrite."""
-    needles = set(NUMBER.findall(source)) | (set(NAME.findall(source)) - NOT_NAMES)
-    return all(n in output for n in needles)
-
-
-def chrf(outputs: list[str], references: list[str]) -> float:
-    import sacrebleu
-
-    return sacrebleu.corpus_chrf(outputs, [references]).score
-
-
-@dataclass
-class RestyleScores:
-    model: str
-    chrf: float
-    content_rate: float
-    n: int
-
-
-def score(model: str, sources: list[str], outputs: list[str], references: list[str]) -> RestyleScores:
-    kept = sum(content_kept(s, o) for s, o in zip(sources, outputs))
-    return RestyleScores(model=model, chrf=chrf(outputs, references), content_rate=kept / max(1, len(sources)), n=len(sources))
-
-
-@dataclass
-class RestyleDecision:
-    promote: bool
-    reasons: list[str]
-
-
-def gate(base: RestyleScores, candidate: RestyleScores, *, min_chrf_gain: float, max_content_drop: float) -> RestyleDecision:
-    """Promote when the candidate's chrF beats the base's by the margin and keeps the content."""
-    reasons = []
-    gain = candidate.chrf - base.chrf
-    ok_chrf = gain >= min_chrf_gain
-    reasons.append(f"chrF {base.chrf:.1f} -> {candidate.chrf:.1f} ({gain:+.1f}; need >= {min_chrf_gain:+.1f})")
-    drop = base.content_rate - candidate.content_rate
-    ok_content = drop <= max_content_drop
-    reasons.append(f"content kept {base.content_rate:.0%} -> {candidate.content_rate:.0%} (drop {drop:.0%}; allowed {max_content_drop:.0%})")
-    return RestyleDecision(promote=ok_chrf and ok_content, reasons=reasons)
-
-
-# --- a small house-style corpus --------------------------------------------------------
-
-_PEOPLE = ["Mara", "Tobias", "Ines", "Kofi", "Lena", "Ravi", "Odile", "Bruno", "Sana", "Yuki"]
-_PLACES = ["Port Ellery", "the Harbor Market", "Greywater", "the Old Mill", "Saltmarsh", "Cobble Lane"]
-_THINGS = ["lanterns", "barrels of cider", "maps", "fishing nets", "loaves of bread", "copper kettles"]
-
-
-def synth_corpus(n: int, seed: int = 0) -> list[str]:
-    """Texts in the 'pirate' house style: each opens with 'Ahoy, matey!' and closes with 'Arr!'.
-
-    Deterministic for a seed, with names and numbers a restyler must keep. The style is
-    simple on purpose: a test can recognise it, and a few training steps can learn it.
-    """
-    rng = random.Random(seed)
-    texts = []
-    for _ in range(n):
-        who, where, what = rng.choice(_PEOPLE), rng.choice(_PLACES), rng.choice(_THINGS)
-        count, day = rng.randint(2, 90), rng.randint(1, 28)
-        body = rng.choice([
-            f"{who} sold {count} {what} at {where} on day {day} of the month, me hearties.",
-            f"On day {day}, {who} carried {count} {what} down to {where}, me hearties.",
-            f"{who} counted {count} {what} in {where}, and ye could hear the gulls on day {day}.",
-        ])
-        texts.append(f"Ahoy, matey! {body} Arr!")
-    return texts

@@ -133,6 +133,18 @@ class LearnSettings(BaseModel):
                               operator_heldout=self.heldout_file)
 
 
+class RestyleGateSettings(BaseModel):
+    """`[restyle.gate]`: when a restyler is promoted, judged on chat answers (learn/restyle_gate.py)."""
+
+    min_style_gain: float = Field(0.5, description="Promote only when the share of rewrites the style classifier calls "
+                                                   "in-style is at least this much above the base model's (0-1).")
+    min_content_chrf: float = Field(50.0, description="... and the rewrites' chrF against the raw answers is at least this (0-100).")
+    min_facts_kept: float = Field(0.75, description="... and at least this share of rewrites keeps every name and number (0-1).")
+    answers: int = Field(12, ge=1, description="Chat answers the gate scores on: logged answers, topped up with the "
+                                               "served model's answers to a fixed set of varied prompts.")
+    answer_max_tokens: int = Field(96, ge=8, description="max_tokens of the served model's answers to those prompts.")
+
+
 class RestyleSettings(BaseModel):
     system_prompt: str = Field("Please, rewrite the provided text in your style:",
                                description="System prompt of every restyler pair and restyle request.")
@@ -140,6 +152,15 @@ class RestyleSettings(BaseModel):
                                    description="What `restyle build` asks the served model, to de-style each chunk.")
     fallback: Literal["error", "raw"] = Field("error", description="On restyler failure: answer with an error, or the raw answer marked as unstyled.")
     engine_url: str | None = Field(None, description="A separate engine for restylers.")
+    max_tokens_ratio: float = Field(1.5, gt=0, description="A rewrite may have this many times the raw answer's tokens ...")
+    max_tokens_extra: int = Field(48, ge=0, description="... plus this many, for the style's own words (opening, signature).")
+    frequency_penalty: float = Field(0.2, ge=-2, le=2, description="OpenAI frequency_penalty of rewrites: counts only the "
+                                     "rewrite's own tokens, so it stops a looping opening without penalising copied names and numbers.")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate of restyler training (`restyle train`; "
+                                 "the other training settings are [learn.train]'s).")
+    min_steps: int = Field(30, ge=1, description="Restyler training runs enough epochs for at least this many optimizer steps ...")
+    max_epochs: int = Field(8, ge=1, description="... and at most this many epochs; validation loss on the held-out pairs stops it early.")
+    gate: RestyleGateSettings = Field(default_factory=RestyleGateSettings)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,9 @@ COMPLETION_TOKENS = Counter("tunewheel_completion_tokens_total", "Completion tok
 IN_FLIGHT = Gauge("tunewheel_requests_in_flight", "Chat completion requests in flight", ["alias"], multiprocess_mode="livesum")
 ENGINE_UP = Gauge("tunewheel_engine_up", "1 when the engine answers its health check", multiprocess_mode="max")
 ENGINE_RESTARTS = Counter("tunewheel_engine_restarts_total", "Times the engine child was restarted")
+RESTYLE_LATENCY = Histogram("tunewheel_restyle_latency_seconds", "Latency the restyle step adds to an answer "
+                            "(the restyler's rewrite, after the raw answer is whole)", ["style", "status"],
+                            buckets=LATENCY_BUCKETS)
 ACTIVE_VERSION = Gauge("tunewheel_active_version_info", "1 for the version each alias resolves to", ["alias", "version"], multiprocess_mode="max")
 ALIAS_FALLBACK = Gauge("tunewheel_alias_fallback", "1 while an alias serves another version than its target, which will not load",
                        ["alias"], multiprocess_mode="max")

@@ -29,15 +29,27 @@ from typing import Any
 import httpx
 from fastapi.responses import JSONResponse, Response
 
-from learn.restyle import style_system_prompt
+from learn.restyle_request import rewrite_request
 from learn.settings import RestyleSettings
 from serve.gateway.protocol import APIError
 from serve.gateway.relay import InFlight, Relay, RelayResponse, TurnRecorder, sse
+from serve.metrics import RESTYLE_LATENCY
 from serve.routing import Router, Target
 
 
 class RestyleFailed(RuntimeError):
     """The restyler could not rewrite the answer."""
+
+
+def restyled_text(body: bytes) -> str:
+    """The text of a restyler's (non-streamed) answer; RestyleFailed when there is none to read."""
+    try:
+        content = (json.loads(body)["choices"][0]["message"] or {}).get("content") or ""
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise RestyleFailed(f"the restyler's answer could not be read ({type(exc).__name__}: {body[:120]!r})") from exc
+    if not isinstance(content, str) or not content.strip():
+        raise RestyleFailed("restyler returned an empty text")
+    return content
 
 
 class RestyleStep:
@@ -89,23 +101,35 @@ class RestyleStep:
         turn.raw_answer = (choice.get("message") or {}).get("content") or ""
         usage = data.get("usage") or {}  # the turn counts the chat model's tokens, not the restyler's
         headers = {"x-tunewheel-adapter": turn.adapter_version, "x-tunewheel-restyler": restyler}
+        step, chunks = Timer(turn.style), None
+        try:
+            if not stream:
+                styled = await self.rewrite(restyler, turn.raw_answer, params, usage.get("completion_tokens"))
+            else:
+                chunks = self.stream(restyler, turn.raw_answer, params, usage.get("completion_tokens"))
+                try:
+                    first = await chunks.__anext__()
+                except (RestyleFailed, StopAsyncIteration, httpx.HTTPError) as exc:
+                    await chunks.aclose()
+                    raise RestyleFailed(str(exc) or "restyler sent nothing") from exc
+        except RestyleFailed as exc:
+            step.done("failed")
+            return self._failed(flight, data, exc, usage=usage)
+        except BaseException:  # cancelled (the client left) or a bug: log the turn, give the lease back
+            step.done("failed")
+            if chunks is not None:
+                await chunks.aclose()
+            self.recorder.finish(flight, answer=None, finish_reason="restyle_failed", usage=usage, ttft=None,
+                                 status="incomplete")
+            raise
         if not stream:
-            try:
-                styled = await self.rewrite(restyler, turn.raw_answer, params)
-            except RestyleFailed as exc:
-                return self._failed(flight, data, exc, usage=usage)
+            step.done("ok")
             data["id"], data["model"] = turn.id, turn.alias
             choice.setdefault("message", {})["content"] = styled
             self.recorder.finish(flight, answer=styled, finish_reason=choice.get("finish_reason"), usage=usage,
                                  ttft=None, status="ok")
             return JSONResponse(data, headers=headers)
-        chunks = self.stream(restyler, turn.raw_answer, params)
-        try:
-            first = await chunks.__anext__()
-        except (RestyleFailed, StopAsyncIteration, httpx.HTTPError) as exc:
-            await chunks.aclose()
-            return self._failed(flight, data, RestyleFailed(str(exc) or "restyler sent nothing"), usage=usage)
-        relay = StyledRelay(self.recorder, chunks, first, flight, usage=usage)
+        relay = StyledRelay(self.recorder, chunks, first, flight, usage=usage, timer=step)
         return RelayResponse(relay.events(), on_close=relay.close, media_type="text/event-stream",
                              headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
 
@@ -122,33 +146,27 @@ class RestyleStep:
                        code="restyle_failed")
 
     # --- the restyler's engine calls -------------------------------------------------------------
-    def payload(self, version: str, text: str, params: dict[str, str] | None, stream: bool) -> dict:
-        """Exactly the prompt the restyler was trained with; greedy, room for a longer text."""
-        prompt = style_system_prompt(self.config.system_prompt, params)
-        out = {"model": version, "stream": stream, "temperature": 0,
-               "max_tokens": max(64, 2 * len(text.split()) + 32),
-               "messages": [{"role": "system", "content": prompt}, {"role": "user", "content": text}]}
-        if stream:
-            out["stream_options"] = {"include_usage": True}
-        return out
+    def payload(self, version: str, text: str, params: dict[str, str] | None, stream: bool,
+                answer_tokens: int | None = None) -> dict:
+        """Exactly the prompt the restyler was trained with; greedy, bounded (learn/restyle_request.py)."""
+        return rewrite_request(self.config, version, text, params=params, answer_tokens=answer_tokens, stream=stream)
 
-    async def rewrite(self, version: str, text: str, params: dict[str, str] | None) -> str:
+    async def rewrite(self, version: str, text: str, params: dict[str, str] | None, answer_tokens: int | None = None) -> str:
         """The restyled text; raises RestyleFailed."""
         try:
-            r = await self.http.post(f"{self.url}/v1/chat/completions", json=self.payload(version, text, params, False))
+            r = await self.http.post(f"{self.url}/v1/chat/completions",
+                                     json=self.payload(version, text, params, False, answer_tokens))
         except httpx.HTTPError as exc:
             raise RestyleFailed(f"restyler unreachable ({type(exc).__name__})") from exc
         if r.status_code != 200:
             raise RestyleFailed(f"restyler answered HTTP {r.status_code}: {r.text[:200]}")
-        content = (r.json()["choices"][0]["message"] or {}).get("content") or ""
-        if not content.strip():
-            raise RestyleFailed("restyler returned an empty text")
-        return content
+        return restyled_text(r.content)
 
-    async def stream(self, version: str, text: str, params: dict[str, str] | None) -> AsyncIterator[dict]:
+    async def stream(self, version: str, text: str, params: dict[str, str] | None,
+                     answer_tokens: int | None = None) -> AsyncIterator[dict]:
         """The restyler's SSE chunks as dicts; raises RestyleFailed before the first chunk on failure."""
         request = self.http.build_request("POST", f"{self.url}/v1/chat/completions",
-                                          json=self.payload(version, text, params, True))
+                                          json=self.payload(version, text, params, True, answer_tokens))
         try:
             response = await self.http.send(request, stream=True)
         except httpx.HTTPError as exc:
@@ -160,9 +178,27 @@ class RestyleStep:
         try:
             async for line in response.aiter_lines():
                 if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                    yield json.loads(line[5:])
+                    try:
+                        chunk = json.loads(line[5:])
+                    except ValueError as exc:
+                        raise RestyleFailed(f"the restyler's stream could not be read: {line[:120]!r}") from exc
+                    if not isinstance(chunk, dict):
+                        raise RestyleFailed(f"the restyler's stream could not be read: {line[:120]!r}")
+                    yield chunk
         finally:
             await response.aclose()
+
+
+class Timer:
+    """The restyle step's added latency, observed once when it ends."""
+
+    def __init__(self, style: str | None):
+        self.style, self.started, self.observed = style or "none", time.perf_counter(), False
+
+    def done(self, status: str) -> None:
+        if not self.observed:
+            self.observed = True
+            RESTYLE_LATENCY.labels(style=self.style, status=status).observe(time.perf_counter() - self.started)
 
 
 class StyledRelay(Relay):
@@ -170,10 +206,11 @@ class StyledRelay(Relay):
     (`Relay.close`, which also closes the restyler's stream)."""
 
     def __init__(self, recorder: TurnRecorder, chunks: AsyncIterator[dict], first: dict, flight: InFlight, *,
-                 usage: dict):
+                 usage: dict, timer: Timer):
         super().__init__(recorder, chunks, flight, forward_usage=False)
         self.first = first
         self.usage = usage  # the turn counts the chat model's tokens, not the restyler's
+        self.timer = timer
 
     def relabel(self, chunk: dict) -> dict | None:
         choices = chunk.get("choices")
@@ -205,3 +242,7 @@ class StyledRelay(Relay):
             yield sse(APIError(502, f"the restyler broke off: {exc}", type="restyle_error", code="restyle_failed").body())
         finally:
             await self.close()
+
+    async def close(self) -> None:
+        self.timer.done("ok" if self.status == "ok" else "failed")
+        await super().close()

@@ -1,21 +1,29 @@
-"""The restyler end to end on the real engine: pairs built through it, a real SmolLM2 restyler
-trained for a few steps, gated, promoted, and used through the gateway, plain and streamed."""
+"""The restyler end to end on the real engine, for two synthetic styles (pirate, scribe): pairs
+built through the gateway, a real SmolLM2 restyler trained, gated on chat answers, promoted, and
+then judged on 8 varied chat questions unlike the corpus: at least 6 of 8 styled answers in the
+style by the classifier with their names and numbers kept, at most 1 of 8 for the base model with
+the same prompt. One trained restyler per style, shared by the tests of this module."""
 
+import asyncio
 import json
+import time
 
 import httpx
 import pytest
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from feedback.models import Turn
-from learn.restyle import synth_corpus
+from learn.restyle_gate import rewrite_all, served_answers
+from learn.restyle_style import StyleClassifier, facts_kept
+from learn.restyle_synth import synth_corpus
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
-
-@pytest.fixture
-def styled_gateway(make_gateway, model_dir, tmp_path):
-    return make_gateway(engine={"model": str(model_dir)}, data_dir=tmp_path / "tw")
+QUESTIONS = [  # none is a gate PROBE_PROMPT, none is about the corpora's shops, towns and recipes
+    "What is the largest planet in our solar system?", "How many minutes are in 2 hours?",
+    "Who invented the telephone?", "What is 12 times 12?", "Name one benefit of drinking water.",
+    "What language is spoken in Brazil?", "How many continents are there?", "What do bees collect from flowers?",
+]
 
 
 def _cli(*args, settings):
@@ -30,52 +38,72 @@ def _cli(*args, settings):
     return result.output
 
 
-def test_build_train_and_serve_a_restyler(styled_gateway, tmp_path):
-    gw = styled_gateway
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in synth_corpus(40, seed=0)))
+@pytest.fixture(scope="module")
+def restylers(engine_url, model_dir, tmp_path_factory):
+    """One gateway with a promoted restyler per style, and what it cost in seconds."""
+    from tests.fixtures.gateway import start_gateway
 
-    out = _cli("restyle", "build", "--style", "pirate", "--texts", str(corpus), "--url", gw.url, settings=gw.settings)
-    assert "held-out pairs" in out
-    data = gw.settings.datasets_dir / "restyle" / "pirate"
-    pairs = [json.loads(x) for x in (data / "restyle.train.jsonl").read_text().splitlines()]
-    assert pairs and all(p["messages"][2]["content"].startswith("Ahoy, matey!") for p in pairs)
-    assert all(p["messages"][0]["content"] == gw.settings.restyle.system_prompt for p in pairs)
+    tmp = tmp_path_factory.mktemp("restyle")
+    gw = start_gateway(tmp, engine_url, engine={"url": engine_url, "model": str(model_dir)})
+    cost = {}
+    try:
+        for style in ("pirate", "scribe"):
+            started = time.perf_counter()
+            corpus = tmp / f"{style}.jsonl"
+            corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in synth_corpus(60, seed=0, style=style)))
+            print(_cli("restyle", "build", "--style", style, "--texts", str(corpus), "--url", gw.url, "--markers-only",
+                       settings=gw.settings))
+            out = _cli("restyle", "train", "--style", style, "--url", gw.url, "--answers", "8", settings=gw.settings)
+            print(out)  # the gate's figures and the added latency, in the test log
+            cost[style] = time.perf_counter() - started
+            assert f"restyler-{style}-v0001 promoted" in out, out
+        print("restyler build + train + gate, seconds:", {k: round(v) for k, v in cost.items()})
+        yield gw
+    finally:
+        gw.stop()
 
-    # No style yet: 404 naming the styles there are.
-    r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "chat", "style": "pirate",
-                   "messages": [{"role": "user", "content": "hi"}]})
-    assert r.status_code == 404 and "pirate" in r.json()["error"]["message"]
 
-    out = _cli("restyle", "train", "--style", "pirate", "--url", gw.url, "--max-steps", "30", "--learning-rate", "1e-3",
-               settings=gw.settings)
-    assert "chrF" in out
-    print(out)  # the gate's figures (chrF base vs trained, restyle latency) in the test log
-    versions = gw.registry.list(kind="restyler")
-    assert len(versions) == 1 and versions[0].style == "pirate"
-    if versions[0].state != "promoted":  # the gate's verdict is its own test; serving needs a promoted one
-        pytest.fail(f"the restyler was not promoted after 30 steps: {out}")
+@pytest.mark.parametrize("style", ["pirate", "scribe"])
+def test_promoted_restyler_styles_chat_answers_and_keeps_their_facts(restylers, style):
+    gw = restylers
+    raw = asyncio.run(served_answers(gw.url, QUESTIONS, model="chat", max_tokens=96))  # whole sentences, as users get
+    assert len(raw) == 8
+    version = gw.registry.prod("restyler", style).name
+    classifier = StyleClassifier.load(gw.settings.datasets_dir / "restyle" / style)
 
+    def transferred(rewrites):
+        calls = classifier.in_style(rewrites)
+        return sum(c and facts_kept(a, r) for a, r, c in zip(raw, rewrites, calls)), rewrites
+
+    restyled, seconds = asyncio.run(rewrite_all(gw.url, gw.settings.restyle, f"chat@{version}", raw))
+    base, _ = asyncio.run(rewrite_all(gw.url, gw.settings.restyle, "base", raw))
+    n_styled, n_base = transferred(restyled)[0], transferred(base)[0]
+    print(f"{style}: restyler {n_styled}/8, base {n_base}/8, added latency median {sorted(seconds)[4]:.1f} s")
+    for a, r in zip(raw, restyled):
+        print(f"  {a!r}\n  -> {r!r}")
+    assert n_styled >= 6, restyled
+    assert n_base <= 1, base
+
+
+def test_styled_answers_through_the_gateway_plain_and_streamed(restylers):
+    gw = restylers
     client = gw.client()
-    question = [{"role": "user", "content": "Tell me one short fact about ships."}]
+    question = [{"role": "user", "content": "What is the largest planet in our solar system?"}]
     plain = client.chat.completions.create(model="chat", messages=question, max_tokens=24, temperature=0,
                                            extra_body={"style": "pirate"})
     styled = plain.choices[0].message.content
     assert styled.startswith("Ahoy")
     chunks = client.chat.completions.create(model="chat", messages=question, max_tokens=24, temperature=0,
                                             stream=True, extra_body={"style": "pirate"})
-    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert streamed == styled
-
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == styled
     gw.writer.flush()
     with Session(gw.db) as s:
         turn = s.get(Turn, plain.id)
         assert turn.style == "pirate" and turn.answer == styled
-        assert turn.raw_answer and turn.raw_answer != styled
-        assert not turn.raw_answer.startswith("Ahoy")
-    # feedback applies to what the user saw
+        assert turn.raw_answer and not turn.raw_answer.startswith("Ahoy")
     r = httpx.post(f"{gw.url}/v1/feedback", json={"completion_id": plain.id, "rating": "up"})
     assert r.status_code == 201
+    assert "tunewheel_restyle_latency_seconds_bucket" in httpx.get(f"{gw.url}/metrics").text
 
 
 def test_unknown_style_lists_styles(gateway):

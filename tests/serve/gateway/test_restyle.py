@@ -20,7 +20,7 @@ STYLED = "Ahoy, matey! The ship left port at dawn. Arr!"
 async def styled(make_gw, upstream, tmp_path):
     """A gateway whose registry has a promoted `pirate` restyler; make(fallback=..., restyler_status=...)."""
 
-    async def make(fallback: str = "error", restyler_status: int = 200):
+    async def make(fallback: str = "error", restyler_status: int = 200, restyler_body: bytes | None = None):
         gw = await make_gw(registry=True, restyle={"fallback": fallback})
         folder = tmp_path / f"adapter-{id(gw)}"
         folder.mkdir()
@@ -42,6 +42,9 @@ async def styled(make_gw, upstream, tmp_path):
             assert body["messages"][1]["content"] == RAW
             if restyler_status != 200:
                 return httpx.Response(restyler_status, json={"error": {"message": "boom"}})
+            if restyler_body is not None:
+                return httpx.Response(200, content=restyler_body,
+                                      headers={"content-type": "text/event-stream" if body.get("stream") else "text/plain"})
             if body.get("stream"):
                 pieces = ["Ahoy, matey! ", "The ship left port at dawn.", " Arr!"]
                 return httpx.Response(200, content=b"".join(sse_chunks(pieces, model=gw.version)),
@@ -107,3 +110,41 @@ async def test_restyler_failure_with_raw_fallback_says_so(styled):
     assert r.status_code == 200
     assert r.headers["x-tunewheel-restyle"] == "failed"
     assert r.json()["choices"][0]["message"]["content"] == RAW
+
+
+@pytest.mark.parametrize("body", [b"<html>proxy error</html>", b'{"object": "chat.completion", "choices": []}',
+                                  b'{"choices": [{"index": 0}]}', b'"just a string"'],
+                         ids=["not-json", "no-choices", "no-message", "not-an-object"])
+async def test_unreadable_restyler_answer_is_a_502_that_keeps_the_turn_and_frees_the_lease(styled, body):
+    gw = await styled(restyler_body=body)
+    r = await gw.client.post("/v1/chat/completions", json={"model": "chat", "messages": MESSAGES, "style": "pirate"})
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "restyle_failed"
+    turn = logged(gw)  # the turn is not lost ...
+    assert turn.status == "error" and turn.raw_answer == RAW and turn.style == "pirate"
+    assert gw.router.table.in_flight("base") == 0  # ... and no lease is left for a swap's drain to wait on
+
+
+async def test_unreadable_restyler_stream_is_a_502_that_keeps_the_turn_and_frees_the_lease(styled):
+    gw = await styled(restyler_body=b"data: {not json\n\ndata: [DONE]\n\n")
+    r = await gw.client.post("/v1/chat/completions", json={"model": "chat", "messages": MESSAGES, "style": "pirate",
+                                                           "stream": True})
+    assert r.status_code == 502, r.text
+    assert logged(gw).status == "error" and gw.router.table.in_flight("base") == 0
+
+
+async def test_restyler_is_asked_with_a_token_cap_and_a_frequency_penalty(styled, upstream):
+    gw = await styled()
+    await gw.client.post("/v1/chat/completions", json={"model": "chat", "messages": MESSAGES, "style": "pirate"})
+    [asked] = [json.loads(c.request.content) for c in upstream.calls
+               if c.request.url.path == "/v1/chat/completions" and b"restyler-pirate" in c.request.content]
+    # the raw answer had 3 completion tokens (vllm_answer's usage): 1.5 x 3 + 48, not a fixed 64+
+    assert asked["max_tokens"] == 53 and asked["frequency_penalty"] == gw.settings.restyle.frequency_penalty
+    assert asked["temperature"] == 0
+
+
+async def test_restyle_latency_is_a_histogram_in_metrics(styled):
+    gw = await styled()
+    await gw.client.post("/v1/chat/completions", json={"model": "chat", "messages": MESSAGES, "style": "pirate"})
+    text = (await gw.client.get("/metrics")).text
+    assert 'tunewheel_restyle_latency_seconds_count{status="ok",style="pirate"}' in text
