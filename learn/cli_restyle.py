@@ -128,12 +128,16 @@ def build(ctx: typer.Context, style: StyleOption,
 
     report = asyncio.run(run())
     report.texts = len(sources)
-    sizes = sorted(count(c) for c in chunks)
+    _print_build(report, sorted(count(c) for c in chunks), time.perf_counter() - started)
+
+
+def _print_build(report, sizes: list[int], seconds: float) -> None:
+    """Write build.json beside the pairs and print what the build did."""
     report.chunk_tokens = {"min": sizes[0], "median": int(statistics.median(sizes)), "max": sizes[-1]}
     Path(report.files["train"]).parent.joinpath("build.json").write_text(json.dumps(report.__dict__, indent=2) + "\n")
-    typer.echo(f"{len(sources)} texts -> {report.chunks} chunks ({sizes[0]}-{sizes[-1]} tokens, median "
+    typer.echo(f"{report.texts} texts -> {report.chunks} chunks ({sizes[0]}-{sizes[-1]} tokens, median "
                f"{report.chunk_tokens['median']}) -> {report.pairs_train} train / {report.pairs_heldout} held-out pairs "
-               f"in {time.perf_counter() - started:.1f}s")
+               f"in {seconds:.1f}s")
     typer.echo(f"  style markers: {report.markers or 'none found'}")
     typer.echo(f"  de-styled by the model: {report.destyled_by['model']}, by deleting markers: {report.destyled_by['markers']}")
     typer.echo(f"  model de-stylings retried, by rule: {report.retried or 'none'}")

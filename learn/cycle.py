@@ -310,8 +310,9 @@ class _Run:
             return
         try:
             v = self.registry.get(cycle.version)
-            if v is not None and v.state == "candidate":
-                self.registry.fail(cycle.version, cycle.error, gate=cycle.gate, metrics={"train": cycle.train_metrics})
+            if v is not None and v.state == "candidate":  # a promotion request may have written its metrics already
+                metrics = None if "train" in (v.metrics or {}) else {"train": cycle.train_metrics}
+                self.registry.fail(cycle.version, cycle.error, gate=cycle.gate, metrics=metrics)
         except Exception:
             log.exception("could not mark %s failed after the failed cycle", cycle.version)
 
