@@ -148,7 +148,7 @@ def promote_command(
     wait_s = settings.learn.promotion_wait_s if wait is None else wait
     v = reg.get(version)
     if v is not None and v.kind == "chat":
-        console.print(f"asking the gateways to load {version} (waiting up to {wait_s:g} s) ...", markup=False, highlight=False)
+        typer.echo(f"asking the gateways to load {version} (waiting up to {wait_s:g} s) ...", err=True)  # progress: stderr
     try:
         change = promote(reg, version, requested_by="cli", max_rank=settings.lora_capacity, wait_s=wait_s,
                          expected=UNCHECKED if expect is None else (None if expect == "base" else expect))

@@ -74,7 +74,9 @@ def preference_files(tmp_path, n: int = 12) -> tuple:
         pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": right}], "rejected": [{"role": "assistant", "content": wrong}], "meta": meta})
         kto.append({"prompt": prompt, "completion": [{"role": "assistant", "content": wrong if i % 2 else right}], "label": not i % 2,
                     "meta": {**meta, "rating": "down" if i % 2 else "up", "source": "rated"}})
-    write = lambda name, rows: (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows)) or tmp_path / name  # noqa: E731
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
     return write("preferences.jsonl", kto), write("preference_pairs.jsonl", pairs), pairs
 
 

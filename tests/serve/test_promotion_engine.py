@@ -99,7 +99,7 @@ def learner(gw, train, **kw):
 
     candidate = []
 
-    def trained(config, *, base_model, train_file, out_dir, val_file=None, timeout=None):
+    def trained(config, *, base_model, out_dir, timeout=None, **data):  # data: the stage files, stages, start_adapter
         candidate.append(Path(out_dir).name)
         train(Path(out_dir))
         return TrainResult(out_dir=Path(out_dir), metrics={"steps": 1, "duration_s": 0.1})
