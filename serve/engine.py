@@ -207,7 +207,7 @@ class EngineManager:
             self._log_offset = logf.tell()
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                           env=env, start_new_session=True,
-                                          preexec_fn=functools.partial(die_with_parent, os.getpid()))
+                                          preexec_fn=functools.partial(_in_child, os.getpid(), self.settings.engine.nice))
         atexit.register(self._kill_now)
         log.info("engine pid %d starting on %s (log: %s)", self._proc.pid, self.url, self.log_path)
 
@@ -299,3 +299,10 @@ class EngineManager:
         """At interpreter exit, leave no engine behind."""
         if self._proc is not None:  # the group, even when its leader already died
             killpg(self._proc.pid, signal.SIGKILL)
+
+
+def _in_child(parent: int, nice: int) -> None:
+    """Between fork and exec of the engine: die with the gateway, and yield the CPU to it (`engine.nice`)."""
+    die_with_parent(parent)
+    if nice:
+        os.nice(nice)

@@ -256,6 +256,16 @@ async def test_the_engine_child_gets_no_database_url_or_keys(fake, monkeypatch):
     await manager.stop()
 
 
+@pytest.mark.parametrize("nice", [5, 0])
+async def test_the_engine_child_yields_the_cpu_to_the_gateway(fake, nice):
+    make, _ = fake
+    manager = make(nice=nice)
+    await manager.start()
+    # Every thread the engine starts inherits it: on shared cores the gateway's /health stays quick.
+    assert os.getpriority(os.PRIO_PROCESS, manager.pid) - os.getpriority(os.PRIO_PROCESS, 0) == nice
+    await manager.stop()
+
+
 async def test_killed_engine_goes_unready_then_is_restarted(fake):
     make, folder = fake
     manager = make(backoff=(0.01,))
