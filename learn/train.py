@@ -52,6 +52,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from learn.children import child_env, die_with_parent
+from learn.cores import CoreShare
 from learn.train_config import TrainConfig, TrainError, check_paths, run_record
 from learn.train_data import length_grouped_batches
 from learn.train_stages import STAGES, StageFiles, check_cut, read_stages
@@ -136,7 +137,7 @@ def adapter_state(model) -> dict:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, threads: int, started: float) -> dict:
+def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, steps_at: dict[int, int], started: float) -> dict:
     """The run's figures: totals over the stages, the last stage's losses, and each stage's own."""
     done = list(stage_metrics.values())
     tokens, seconds, cells = (sum(m[k] for m in done) for k in ("tokens", "train_seconds", "padded_cells"))
@@ -145,7 +146,8 @@ def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, threa
             "steps": len(losses), "epochs": sum(m["epochs"] for m in done), "tokens": tokens,
             "scored_tokens": sum(m["scored_tokens"] for m in done), "tokens_per_s": tokens / seconds if seconds else 0.0,
             "padding_fraction": 1 - tokens / cells if cells else 0.0, "examples": examples,
-            "stages": stage_metrics, "skipped_stages": skipped, "device": device, "threads": threads,
+            "stages": stage_metrics, "skipped_stages": skipped, "device": device,
+            "threads": max(steps_at, default=0), "steps_at_threads": {str(k): v for k, v in sorted(steps_at.items())},
             "train_seconds": seconds, "duration_s": time.time() - started}
 
 
@@ -169,7 +171,8 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
     started = time.time()
     # -- setup: data first (a refused file costs no model load), then the model
     device = pick_device(config)
-    torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) // 2))
+    cores = CoreShare(config.threads)
+    torch.set_num_threads(cores.current)
     todo, skipped = read_data(config, base_model, stages, StageFiles(*(Path(f) if f else None for f in files.values())))
     set_seed(config.seed)
     model, tokenizer = load_model(config, base_model, device, start_adapter)
@@ -204,6 +207,8 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
                 for g in range(0, len(batches), config.grad_accum):
                     if len(step_losses) - first_step >= total_steps:
                         break
+                    if cores.step() != torch.get_num_threads():
+                        torch.set_num_threads(cores.current)
                     tick = time.perf_counter()
                     micro = [[stage.train_set[i] for i in b] for b in batches[g: g + config.grad_accum]]
                     n_units = sum(stage.units(m) for m in micro)  # the step's mean is over all of it, as one large batch
@@ -246,7 +251,7 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
 
         # -- save
         model.save_pretrained(tmp)
-        metrics = summary(stage_metrics, skipped, step_losses, device, torch.get_num_threads(), started)
+        metrics = summary(stage_metrics, skipped, step_losses, device, dict(cores.steps_at), started)
         record = run_record(config, base_model=base_model, out_dir=out_dir, stages=stages, start_adapter=start_adapter, **files)
         write_report(tmp, {"config": record, **metrics, "early_stopped": any(m["early_stopped"] for m in stage_metrics.values()),
                            "train_loss_per_step": step_losses, "epochs_log": epochs_log})

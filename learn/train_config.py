@@ -76,8 +76,9 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
     threads: int | None = None
-    """torch CPU threads; default half the cores (at least 1): a CPU inference engine usually runs on the same
-    cores, and OpenMP threads waiting on busy cores made each step 10-20x slower (2 threads, 2 cores)."""
+    """torch CPU threads; default adaptive (learn/cores.py): every core nobody else is using, and half the cores
+    (at least 1) while others are busy. A CPU inference engine usually runs on the same cores, and OpenMP threads
+    waiting on busy cores made each step 10-20x slower (2 threads, 2 cores); an idle engine uses almost none."""
 
     @field_validator("train_on_inputs", mode="before")
     @classmethod

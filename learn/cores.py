@@ -1,0 +1,97 @@
+"""How many CPU threads a training step may use: the cores nobody else is using right now.
+
+    cores = CoreShare(config.threads)        # None: adaptive; a number: fixed
+    torch.set_num_threads(cores.current)
+    for step in steps:
+        if cores.step() != torch.get_num_threads():   # cheap; looks at the machine every `every_s`
+            torch.set_num_threads(cores.current)
+        ...
+    cores.steps_at                           # {threads: steps trained with that many}
+
+On a CPU box the trainer shares the cores with the vLLM engine. A busy engine keeps every core it
+was given (its OpenMP threads spin), and torch threads waiting on those cores made each step
+10-20x slower; so while anyone else is busy the trainer keeps to half the cores (at least one),
+as it always did. But an idle engine uses almost nothing (measured: 0.03 of a core on 2 cores),
+and in the demo or on a quiet night the other half sat idle. So before each step, at most every
+`every_s`, CoreShare reads how busy the machine was since its last look (/proc/stat) minus what
+this process used itself (its own CPU time), and gives torch every core the others left free:
+all of them on an idle machine or a training node of its own, half again within a few seconds
+of traffic coming back. torch lets the thread count change between steps.
+
+The cores it counts: this process's CPU affinity, capped by a cgroup v2 CPU quota (a container
+limited to 2 CPUs on a 64-core host gets 2). Where /proc/stat cannot be read (not Linux), the
+count stays at half.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+SLACK = 0.25  # others busy on less than a quarter of a core count as idle (the gateway, a probe)
+
+
+def usable_cores() -> int:
+    """This process's CPU affinity, capped by the cgroup v2 quota (`cpu.max`) when there is one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds every core of the machine has spent busy since boot (None where unknown)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+
+
+class CoreShare:
+    """The thread count for the next training step; see the module docstring."""
+
+    def __init__(self, fixed: int | None = None, *, cores: int | None = None, every_s: float = 3.0):
+        self.cores = cores or usable_cores()
+        self.floor = max(1, self.cores // 2)
+        self.fixed = fixed
+        self.every_s = every_s
+        self.steps_at: Counter[int] = Counter()
+        self.current = fixed or self.floor
+        self._last = self._look()
+        self._window_s = 0.5  # the first look (after loading data and model) may come early
+
+    @staticmethod
+    def _look() -> tuple[float, float | None, float]:
+        return time.monotonic(), machine_busy_s(), time.process_time()
+
+    def others_busy(self, before: tuple, after: tuple) -> float | None:
+        """Cores the rest of the machine kept busy between two looks."""
+        (t0, busy0, own0), (t1, busy1, own1) = before, after
+        if busy0 is None or busy1 is None or t1 <= t0:
+            return None
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+
+    def want(self, others: float | None) -> int:
+        """Every core the others leave free, never fewer than half of them."""
+        if others is None:
+            return self.floor
+        return min(self.cores, max(self.floor, self.cores - math.ceil(others - SLACK)))
+
+    def step(self) -> int:
+        """The thread count for the step about to run (counted in `steps_at`)."""
+        if self.fixed is None:
+            now = self._look()
+            if now[0] - self._last[0] >= self._window_s:
+                self.current, self._last = self.want(self.others_busy(self._last, now)), now
+                self._window_s = self.every_s
+        self.steps_at[self.current] += 1
+        return self.current
