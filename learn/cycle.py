@@ -19,7 +19,8 @@ from the composed settings; `learn run`, `serve --with-learner` and the demo use
      LoRA or from the champion's adapter; the folder appears only when training finished, and only
      then is it registered as a candidate
   4. score champion (the prod version, or the base model) and candidate on the same held-out
-     set through the gateway (`chat@<version>` loads the candidate into the engine unaliased), and
+     set through the gateway (a champion already scored on exactly these items is read back from
+     `<runs>/scores/`, not scored again) (`chat@<version>` loads the candidate into the engine unaliased), and
      on the operator's regression set (`learn.regression_file`) when there is one
   5. gate (learn/gate.py): never promote on a held-out set the operator does not control (the
      cycle trains and reports, and says why); promote through the one promotion path
@@ -38,11 +39,13 @@ under `<runs>/cycle-NNNN/`; the gateway's /metrics reads the rows.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -53,6 +56,7 @@ from sqlmodel import Field, Session, SQLModel
 from feedback.models import utcnow
 from feedback.queries import rated_turns
 from learn.cycle_data import CycleData, NothingNew, cycle_data, heldout_trust
+from learn.evaluate import EvalReport
 from learn.evaluate import evaluate as evaluate_served
 from learn.lock import CycleLock
 from learn import promotion
@@ -111,7 +115,8 @@ class LearnerCycle(SQLModel, table=True):
                          f"val loss {t.get('val_loss')}, {m.get('tokens_per_s', 0):.0f} tokens/s")
         for role, name, scores in (("champion", self.champion, self.champion_scores), ("candidate", self.version, self.candidate_scores)):
             if scores:
-                lines.append(f"  {role:<10} {name}: EM {scores['em']:.3f}  F1 {scores['f1']:.3f}  ({scores['n_turns']} turns)")
+                lines.append(f"  {role:<10} {name}: EM {scores['em']:.3f}  F1 {scores['f1']:.3f}  ({scores['n_turns']} turns)"
+                             + (f", scored in {scores['cached_from']} on the same items" if scores.get("cached_from") else ""))
         regression = (self.gate or {}).get("regression")
         for role, name in (("champion", self.champion), ("candidate", self.version)) if regression else ():
             r = regression[role]
@@ -206,11 +211,31 @@ class _Run:
         self.decide(cycle, champ, cand, result.metrics, regression=reg, trust=trust)
 
     def score(self, items: list, cycle: LearnerCycle) -> tuple[Any, Any]:
-        """(champion, candidate) reports on the same items, in the same run, through the gateway."""
+        """(champion, candidate) reports on the same items through the gateway. A version's answers
+        are a function of its weights (immutable), the items and the decoding settings (greedy), so a
+        champion already scored on exactly these items (as the last cycle's candidate, say) is not
+        scored again: its report is read back from `<runs>/scores/` and says so (`cached_from`)."""
         common = dict(url=self.gateway_url, max_tokens=self.learn.eval_max_tokens, concurrency=self.learn.eval_concurrency,
                       api_key=self.api_key, progress=False)
         champion = f"chat@{cycle.champion}" if cycle.champion != "base" else "base"
-        return self.evaluate(items, model=champion, **common), self.evaluate(items, model=f"chat@{cycle.version}", **common)
+        return (self._scored(items, champion, common, cycle),
+                self._scored(items, f"chat@{cycle.version}", common, cycle, reuse=False))
+
+    def _scored(self, items: list, model: str, common: dict, cycle: LearnerCycle, *, reuse: bool = True) -> Any:
+        key = hashlib.sha256(json.dumps({"model": model, "base": self.base_model, "max_tokens": common["max_tokens"],
+                                         "items": [asdict(i) if is_dataclass(i) else i for i in items]},
+                                        sort_keys=True, default=str).encode()).hexdigest()[:32]
+        path = self.dirs.runs / "scores" / f"{key}.json"
+        if reuse and path.is_file():
+            try:
+                return EvalReport(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                log.warning("unreadable score cache %s: scoring %s again", path, model)
+        report = self.evaluate(items, model=model, **common)
+        if isinstance(report, EvalReport):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**report.to_dict(), "cached_from": f"cycle {cycle.id}"}))
+        return report
 
     def curate(self, cycle: LearnerCycle):
         """Snapshot the log and seeds: (snapshot, held-out items, regression items). Skip when there is nothing to score on."""

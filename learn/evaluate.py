@@ -62,6 +62,7 @@ class EvalReport:
     per_source: dict[str, dict[str, float]] = field(default_factory=dict)
     duration: float = 0.0  # seconds of wall time for all requests
     data: str | None = None
+    cached_from: str | None = None  # read back from an earlier run on the same items ("cycle 3"), not scored now
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

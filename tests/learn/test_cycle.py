@@ -125,6 +125,28 @@ def test_worse_candidate_is_rejected_and_prod_stays(setup):
     assert cycles(db)[-1].gate["promote"] is False
 
 
+def test_a_champion_scored_on_the_same_items_is_not_scored_again(setup, tmp_path):
+    settings, db, registry = setup
+    calls: list[str] = []
+    first = cycle(settings, db, train=fake_train, evaluate=fake_scores({"champion": (0.2, 0.4), "candidate": (0.6, 0.9)}, calls))
+    assert calls == ["base", f"chat@{first.version}"]
+    calls.clear()
+    second = cycle(settings, db, train=fake_train,
+                   evaluate=fake_scores({"champion": (0.1, 0.1), "candidate": (0.7, 0.95), "champ": first.version}, calls))
+    assert calls == [f"chat@{second.version}"]  # the champion's scores are those it got as the first cycle's candidate
+    assert second.champion_scores["f1"] == 0.9 and second.champion_scores["cached_from"] == f"cycle {first.id}"
+    assert second.outcome == "promoted" and "scored in cycle 1 on the same items" in second.text()
+
+    # other items: every model is scored again
+    Path(settings.learn.heldout_file).write_text(json.dumps({"id": "h2", "source": "synth", "story": "Al has a dog.",
+                                                            "turns": [{"question": "Who has a dog?", "answers": ["Al"]}]}) + "\n")
+    calls.clear()
+    third = cycle(settings, db, train=fake_train, evaluate=fake_scores({"champion": (0.6, 0.9), "candidate": (0.7, 0.97),
+                                                                      "champ": second.version}, calls))
+    assert calls == [f"chat@{second.version}", f"chat@{third.version}"]
+    assert third.champion_scores.get("cached_from") is None
+
+
 def test_training_failure_is_recorded_and_production_untouched(setup):
     settings, db, registry = setup
     prod = cycle(settings, db, train=fake_train, evaluate=BETTER).version

@@ -193,8 +193,8 @@ def test_a_candidate_that_drops_on_the_regression_set_is_refused(make, tmp_path)
 
 def test_a_rollback_during_training_is_not_overridden(make):
     settings, db, registry = make()
-    evaluate = scores()
-    first = cycle(settings, db, Trainer(), evaluate)
+    first = cycle(settings, db, Trainer(), scores())
+    evaluate = scores(heldout=((0.6, 0.9), (0.7, 0.95)))  # the champion's (0.6, 0.9) are read back from the first cycle
     evaluate.champions.add(first.version)
     second = cycle(settings, db, Trainer(during=lambda: registry.rollback("chat")), evaluate)  # the operator rolls back mid-cycle
 
