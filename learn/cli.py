@@ -22,6 +22,7 @@ gateway's /metrics reads the cycles from the store.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -64,7 +65,7 @@ def run(
     preflight_cycle(settings, gateway_url=target, api_key=api_key)
     from learn.cycle import cycle_runner  # after the pre-flight: it fails in seconds, before heavy imports
 
-    cycle = cycle_runner(settings, gateway_url=target, api_key=api_key)("cli")
+    cycle = cycle_runner(settings, gateway_url=target, api_key=api_key, progress=sys.stderr.isatty())("cli")
     typer.echo(cycle.model_dump_json(indent=2) if json_out else cycle.text())
     if cycle.outcome == "failed":
         raise typer.Exit(1)

@@ -139,7 +139,8 @@ class Skip(Exception):
 
 def run_cycle(learn: LearnSettings, *, db: Engine, dirs: LearnDirs, base_model: str, gateway_url: str,
               api_key: str | None = None, trigger: str = "manual", converge: Callable[[], Any] | None = None,
-              train: Callable[..., Any] = train_in_child, evaluate: Callable[..., Any] = evaluate_served) -> LearnerCycle:
+              train: Callable[..., Any] = train_in_child,
+              evaluate: Callable[..., Any] = functools.partial(evaluate_served, progress=False)) -> LearnerCycle:
     """One full cycle, recorded as a `learner_cycle` row (returned). Another cycle holding the lock makes
     this one "skipped" at once, and unrecorded (the running one is the record of that time)."""
     lock = CycleLock(db, max_hold_s=learn.cycle_timeout_s)
@@ -216,7 +217,7 @@ class _Run:
         champion already scored on exactly these items (as the last cycle's candidate, say) is not
         scored again: its report is read back from `<runs>/scores/` and says so (`cached_from`)."""
         common = dict(url=self.gateway_url, max_tokens=self.learn.eval_max_tokens, concurrency=self.learn.eval_concurrency,
-                      api_key=self.api_key, progress=False)
+                      api_key=self.api_key)
         champion = f"chat@{cycle.champion}" if cycle.champion != "base" else "base"
         return (self._scored(items, champion, common, cycle),
                 self._scored(items, f"chat@{cycle.version}", common, cycle, reuse=False))
@@ -400,20 +401,23 @@ def last_cycle(db: Engine) -> LearnerCycle | None:
 
 
 def cycle_runner(settings, *, converge: Callable[[], Any] | None = None, gateway_url: str | None = None,
-                 api_key: str | None = None) -> Callable[[str], LearnerCycle]:
+                 api_key: str | None = None, progress: bool = False) -> Callable[[str], LearnerCycle]:
     """`run(trigger)` -> one cycle, with every argument of `run_cycle` taken from the composed settings.
 
     `gateway_url` defaults to the configured gateway, `api_key` to TUNEWHEEL_API_KEY; evaluation
     requests time out after `serve.request_timeout_s`, as the gateway's own requests to the engine.
+    `progress`: progress bars on stderr, the training child's (steps, loss, tokens/s) and the
+    evaluation's (turns): for a person watching (`learn run`, the demo), not for a server's log.
     """
     from feedback.db import make_db
 
     db = make_db(settings.store_url)
-    evaluate = functools.partial(evaluate_served, timeout=settings.serve.request_timeout_s)
+    evaluate = functools.partial(evaluate_served, timeout=settings.serve.request_timeout_s, progress=progress)
+    train = functools.partial(train_in_child, progress=progress)
 
     def run(trigger: str = "manual") -> LearnerCycle:
         return run_cycle(settings.learn, db=db, dirs=settings.learn_dirs, base_model=settings.base_model_path(),
                          gateway_url=gateway_url or settings.gateway_url, api_key=api_key or os.environ.get("TUNEWHEEL_API_KEY"),
-                         trigger=trigger, converge=converge, evaluate=evaluate)
+                         trigger=trigger, converge=converge, train=train, evaluate=evaluate)
 
     return run

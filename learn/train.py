@@ -44,6 +44,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -271,9 +272,10 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
 def train_in_child(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_file: str | Path | None = None,
                    val_file: str | Path | None = None, preference_file: str | Path | None = None, pair_file: str | Path | None = None,
                    stages: tuple[str, ...] | list[str] = ("sft",), start_adapter: str | Path | None = None,
-                   timeout: float | None = None) -> TrainResult:
+                   timeout: float | None = None, progress: bool = False) -> TrainResult:
     """`train(...)` in a child Python process; a crash, kill or timeout is a TrainError with its last output.
     `timeout`: seconds before the child is killed (the learner passes what is left of learn.cycle_timeout_s).
+    `progress`: also copy the child's output (its progress bar: steps, loss, tokens/s) to this process's stderr.
     The child gets SIGTERM when this process dies (and then removes its temporary folder)."""
     check_paths(base_model=str(base_model), out_dir=out_dir, start_adapter=start_adapter, train_file=train_file, val_file=val_file,
                 preference_file=preference_file, pair_file=pair_file)
@@ -288,8 +290,11 @@ def train_in_child(config: TrainConfig, *, base_model: str, out_dir: str | Path,
         env = child_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                      os.environ.get("PYTHONPATH")]))})
         with open(log_path, "wb") as log:
-            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     preexec_fn=functools.partial(die_with_parent, os.getpid()))
+            child = subprocess.Popen(command, stdout=subprocess.PIPE if progress else log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=functools.partial(die_with_parent, os.getpid()))
+            tee = threading.Thread(target=_tee, args=(child.stdout, log), daemon=True) if progress else None
+            if tee:
+                tee.start()
             why = None
             try:
                 child.wait(timeout=timeout)
@@ -299,6 +304,8 @@ def train_in_child(config: TrainConfig, *, base_model: str, out_dir: str | Path,
                 if child.poll() is None:  # timeout, or the caller was interrupted: never leave the child running
                     child.kill()
                     child.wait()
+                if tee:
+                    tee.join(10)  # the log is complete before it is read below
         shutil.rmtree(f"{out_dir}.tmp-{child.pid}", ignore_errors=True)
         result = json.loads(result_path.read_text()) if result_path.is_file() else {}
         if why is None and child.returncode == 0 and "metrics" in result:
@@ -312,6 +319,19 @@ def train_in_child(config: TrainConfig, *, base_model: str, out_dir: str | Path,
                 why += " (out of memory, or killed)"
         lines = [s for s in log_path.read_text(errors="replace").replace("\r", "\n").splitlines() if s.strip()]
         raise TrainError(f"training child {why}; nothing was written to {out_dir}. Last output:\n" + "\n".join(lines[-15:]))
+
+
+def _tee(pipe, log) -> None:
+    """Copy the child's output to its log and to stderr, as it comes (a progress bar's \\r updates included)."""
+    for chunk in iter(lambda: os.read(pipe.fileno(), 4096), b""):
+        log.write(chunk)
+        log.flush()
+        try:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):  # no byte stderr (captured), or closed: the log still has it
+            pass
+    pipe.close()
 
 
 # ---------------------------------------------------------------- command line

@@ -31,7 +31,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -185,18 +184,12 @@ def heldout_scores(settings, url: str, heldout: Path) -> dict:
 
 
 def run_cycle_with_progress(settings, url: str):
+    """One learner cycle in this process, its training steps and evaluation turns as progress bars."""
     from learn.cycle import cycle_runner
 
-    result: dict = {}
-    run = cycle_runner(settings, gateway_url=url)  # the server is another process: its reconciler polls the registry
-    worker = threading.Thread(target=lambda: result.setdefault("report", run("demo")))
-    started = time.monotonic()
-    worker.start()
-    while worker.is_alive():
-        worker.join(30)
-        if worker.is_alive():
-            say(f"  ... learner cycle running for {time.monotonic() - started:.0f} s (curate, train in a child process, evaluate)")
-    return result["report"]
+    say("  learner cycle: curate the log into a snapshot, train (a child process), score champion and candidate")
+    run = cycle_runner(settings, gateway_url=url, progress=True)  # the server is another process: its reconciler polls the registry
+    return run("demo")
 
 
 def wait_for_alias(url: str, version: str, timeout_s: float = 120) -> bool:

@@ -15,12 +15,16 @@ an engine restart or when the engine answered that it lost a version. One pass:
        load target into vLLM under its immutable version name  (skipped when already loaded)
        warm it with one tiny completion                         (the first user request is not the slow one)
        router.table.set(alias, target)                          (new requests go to the new version)
-       drain the old version, then unload it                    (in-flight requests finish on it)
+       drain the old version, then unload it                    (in-flight requests finish on it;
+                                                                 the version a rollback would reach stays)
     3. heartbeat: the versions this replica uses go to the registry (learn/replicas.py)
 
 A zero-downtime swap follows from that order: the alias flips only after the new version
 answers, and the old one leaves the engine only after its last request, and only once no other
-gateway replica on the same engine leases it (otherwise a later pass tries again).
+gateway replica on the same engine leases it (otherwise a later pass tries again). The version a
+rollback of a prod alias would go back to (`Target.fallbacks[0]`, usually the one just replaced)
+is not unloaded at all (`standby`): a rollback flips the alias at once instead of reloading and
+warming an adapter under load.
 
 A target that will not load (folder vanished, rank too large, weights that do not fit the base
 model) never leaves an alias on the base model silently: the alias stays on its version while
@@ -85,6 +89,7 @@ class Reconciler:
         self._targets: dict[str, Target] | None = None  # the last targets read from the registry
         self._beat: tuple[float, set[str] | None] = (0.0, None)  # when this replica last told the registry, and what
         self.off_target: dict[str, str] = {}  # alias -> the target it should serve but cannot
+        self.standby: set[str] = set()  # the versions a rollback would reach: kept loaded, not served
         self._task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # for callers on other threads (the learner)
         self.last_error: str | None = None
@@ -123,11 +128,15 @@ class Reconciler:
             now = {alias: self.table.resolve(alias) for alias in targets}
             if all(reached):
                 self.table.synced = True
-            self._retiring |= {v for v in set(before.values()) - set(now.values())
+            # what a rollback would go back to stays loaded: a rollback is then a flip, not a reload
+            was_standby = self.standby
+            self.standby = {t.fallbacks[0].version for t in targets.values() if t.fallbacks} - set(now.values())
+            keep = set(now.values()) | self.standby
+            self._retiring |= {v for v in (set(before.values()) | was_standby) - keep
                                if v in self._owned and v not in self._pinned_used}
-            self._sweep_pinned(keep=set(now.values()))
+            self._sweep_pinned(keep=keep)
             await self._heartbeat()
-            self._start_unloads(keep=set(now.values()))
+            self._start_unloads(keep=keep)
             return now
 
     async def _read_targets(self) -> dict[str, Target]:
@@ -259,7 +268,7 @@ class Reconciler:
             drained = await self.table.drain(version, timeout=self.drain_timeout_s)
             if drained is False:
                 log.warning("%s still had requests in flight after the drain timeout; unloading anyway", version)
-            if version in self.table.aliases().values() or version in self._pinned_used:
+            if version in self.table.aliases().values() or version in self._pinned_used or version in self.standby:
                 self._retiring.discard(version)  # a rollback or a pinned request brought it back while we waited
                 return
             if await self._leased_elsewhere(version):

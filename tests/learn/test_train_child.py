@@ -63,14 +63,14 @@ def test_a_child_gets_what_models_need_and_no_secrets():
 
 
 @pytest.mark.slow
-def test_a_child_past_its_timeout_is_killed_and_leaves_nothing(tmp_path, tiny_model, monkeypatch):
+def test_a_child_past_its_timeout_is_killed_and_leaves_nothing(tmp_path, tiny_model, monkeypatch, capfd):
     monkeypatch.setenv("TUNEWHEEL_STORE__URL", "postgresql://learner:secret@db/tunewheel")
     data, out = write_jsonl(tmp_path / "train.jsonl", coqa_rows(16)), tmp_path / "out"
     outcome: dict = {}
 
     def run():
         try:
-            train_in_child(long_config(), base_model=str(tiny_model), train_file=data, out_dir=out, timeout=20)
+            train_in_child(long_config(), base_model=str(tiny_model), train_file=data, out_dir=out, timeout=20, progress=True)
         except TrainError as exc:
             outcome["error"] = str(exc)
 
@@ -84,6 +84,8 @@ def test_a_child_past_its_timeout_is_killed_and_leaves_nothing(tmp_path, tiny_mo
     thread.join(120)
     assert "timed out after 20 s" in outcome["error"] and time.monotonic() - started < 90
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+    # progress=True: the child's progress bar reached this process's stderr, and its log is still whole
+    assert "sft:" in capfd.readouterr().err and "sft:" in outcome["error"]
 
 
 PARENT = """

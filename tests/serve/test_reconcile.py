@@ -83,7 +83,7 @@ async def world(tmp_path):
 async def test_promotion_loads_warms_then_flips_then_unloads_after_drain(world):
     registry, engine, new_version, gateway = world
     aliases, rec = gateway()
-    v1, v2 = new_version(), new_version()
+    v1, v2, v3 = new_version(), new_version(), new_version()
     assert await rec.reconcile() == {"chat": "base"}  # nothing promoted: the base model answers
 
     registry.promote(v1)
@@ -97,11 +97,18 @@ async def test_promotion_loads_warms_then_flips_then_unloads_after_drain(world):
     await asyncio.sleep(0.1)
     assert v1 in engine.loaded  # ... but v1 stays until its request ends
     lease.release()
+    await asyncio.sleep(0.2)
+    assert set(engine.loaded) == {v1, v2} and rec.standby == {v1}  # v1 is what a rollback reaches: it stays
+
+    lease = aliases.acquire("chat")  # a request still running on v2
+    registry.promote(v3)
+    assert await rec.reconcile() == {"chat": v3} and rec.standby == {v2}
+    lease.release()
     for _ in range(100):
         if v1 not in engine.loaded:
             break
         await asyncio.sleep(0.02)
-    assert set(engine.loaded) == {v2}
+    assert set(engine.loaded) == {v2, v3}  # v1 is two rollbacks away: unloaded after its drain
 
 
 async def test_rollback_brings_the_previous_version_back(world):
@@ -112,8 +119,10 @@ async def test_rollback_brings_the_previous_version_back(world):
     await rec.reconcile()
     registry.promote(v2)
     await rec.reconcile()
+    engine.calls.clear()
     registry.rollback("chat")
     assert await rec.reconcile() == {"chat": v1}
+    assert engine.calls == []  # v1 stayed loaded: the rollback is a flip, no load, no warm-up
     registry.rollback("chat")
     assert await rec.reconcile() == {"chat": "base"}
 

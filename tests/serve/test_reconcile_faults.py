@@ -122,17 +122,19 @@ async def test_a_version_stays_loaded_until_no_replica_uses_it(world, tmp_path):
     registry, engine, new_version, gateway = world
     table_a, a = gateway()
     table_b, b = gateway()  # a second gateway replica on the same engine and registry
-    v1, v2 = new_version(), new_version()
+    v1, v2, v3 = new_version(), new_version(), new_version()
     registry.promote(v1)
     await a.reconcile()
     await b.reconcile()
     lease = table_b.acquire("chat")  # a long request on replica b, still on v1
-    registry.promote(v2)
-    assert await a.reconcile() == {"chat": v2}
+    registry.promote(v2)  # v1 is what a rollback reaches: both keep it loaded anyway
+    assert await a.reconcile() == await b.reconcile() == {"chat": v2}
+    registry.promote(v3)  # now v1 is two rollbacks away: each replica unloads it once nobody uses it
+    assert await a.reconcile() == {"chat": v3}
     for _ in range(20):  # replica a drained its own requests at once, but b still uses v1
         await asyncio.sleep(0.02)
     assert v1 in engine.loaded and ("unload", v1) not in engine.calls
-    assert await b.reconcile() == {"chat": v2}
+    assert await b.reconcile() == {"chat": v3}
     await asyncio.sleep(0.1)
     assert v1 in engine.loaded  # b's own request is still running on it
     lease.release()
@@ -140,7 +142,7 @@ async def test_a_version_stays_loaded_until_no_replica_uses_it(world, tmp_path):
         if v1 not in engine.loaded:
             break
         await asyncio.sleep(0.02)
-    assert set(engine.loaded) == {v2}
+    assert set(engine.loaded) == {v2, v3}
     await a.reconcile()  # a retries its unload: nothing left to do
     await asyncio.sleep(0.1)
     assert engine.calls.count(("unload", v1)) == 1 and not a._retiring
