@@ -39,13 +39,11 @@ under `<runs>/cycle-NNNN/`; the gateway's /metrics reads the rows.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -56,8 +54,8 @@ from sqlmodel import Field, Session, SQLModel
 from feedback.models import utcnow
 from feedback.queries import rated_turns
 from learn.cycle_data import CycleData, NothingNew, cycle_data, heldout_trust
-from learn.evaluate import EvalReport
 from learn.evaluate import evaluate as evaluate_served
+from learn.evaluate import scored_once
 from learn.lock import CycleLock
 from learn import promotion
 from learn.registry import ChampionMoved
@@ -223,20 +221,8 @@ class _Run:
                 self._scored(items, f"chat@{cycle.version}", common, cycle, reuse=False))
 
     def _scored(self, items: list, model: str, common: dict, cycle: LearnerCycle, *, reuse: bool = True) -> Any:
-        key = hashlib.sha256(json.dumps({"model": model, "base": self.base_model, "max_tokens": common["max_tokens"],
-                                         "items": [asdict(i) if is_dataclass(i) else i for i in items]},
-                                        sort_keys=True, default=str).encode()).hexdigest()[:32]
-        path = self.dirs.runs / "scores" / f"{key}.json"
-        if reuse and path.is_file():
-            try:
-                return EvalReport(**json.loads(path.read_text()))
-            except (OSError, ValueError, TypeError):
-                log.warning("unreadable score cache %s: scoring %s again", path, model)
-        report = self.evaluate(items, model=model, **common)
-        if isinstance(report, EvalReport):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({**report.to_dict(), "cached_from": f"cycle {cycle.id}"}))
-        return report
+        return scored_once(self.evaluate, items, self.dirs.runs / "scores", model=model, base=self.base_model, reuse=reuse,
+                           label=f"cycle {cycle.id}", **common)
 
     def curate(self, cycle: LearnerCycle):
         """Snapshot the log and seeds: (snapshot, held-out items, regression items). Skip when there is nothing to score on."""

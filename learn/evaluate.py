@@ -21,9 +21,11 @@ any other; they carry no rating, so curation never trains on them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +283,26 @@ def evaluate(
             data_name=None if isinstance(data, list) else str(data),
         )
     )
+
+
+def scored_once(evaluate, items: list, folder: Path, *, model: str, base: str, reuse: bool = True, label: str = "",
+                **common: Any) -> EvalReport:
+    """`evaluate(items, model=model, **common)`, unless `model` was scored on exactly these items with
+    these settings before (`reuse`): then its report is read back from `folder`, with `cached_from`
+    set to the `label` of the run that scored it. A version's answers depend only on its weights
+    (immutable), the base model, the items and the decoding settings (greedy), so the figures are the
+    ones a new run would give, minus the minutes. Every report computed here is kept for next time."""
+    key = hashlib.sha256(json.dumps({"model": model, "base": base, "max_tokens": common.get("max_tokens"),
+                                     "items": [asdict(i) if is_dataclass(i) else i for i in items]},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = Path(folder) / f"{key}.json"
+    if reuse and path.is_file():
+        try:
+            return EvalReport(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            logging.getLogger(__name__).warning("unreadable score cache %s: scoring %s again", path, model)
+    report = evaluate(items, model=model, **common)
+    if isinstance(report, EvalReport):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**report.to_dict(), "cached_from": label or None}))
+    return report

@@ -248,6 +248,7 @@ def test_cycle_runner_builds_the_cycle_from_the_composed_settings(setup, monkeyp
     assert seen["learn"] is settings.learn and seen["dirs"] == settings.learn_dirs
     assert seen["base_model"] == settings.base_model_path() and seen["gateway_url"] == settings.gateway_url
     assert seen["api_key"] == "k-123" and seen["converge"] is converge
-    assert seen["evaluate"].keywords == {"timeout": settings.serve.request_timeout_s}
+    assert seen["evaluate"].keywords == {"timeout": settings.serve.request_timeout_s, "progress": False}
+    assert seen["train"].keywords == {"progress": False}  # progress bars only for a person watching (learn run, demo)
     cycle_runner(settings, gateway_url=URL, api_key="other")("cli")
     assert seen["gateway_url"] == URL and seen["api_key"] == "other"
