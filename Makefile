@@ -52,8 +52,11 @@ bench: install
 	$(PY) bench/curation.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/hotswap.py
+	$(PY) bench/lora_serving.py
 	$(PY) bench/faults.py
 	$(PY) bench/restyle.py
+	$(PY) bench/canary.py
+	$(PY) bench/preference.py
 
 # The common commands, without activating the venv.
 serve: install

@@ -13,7 +13,7 @@ was given (its OpenMP threads spin), and torch threads waiting on those cores ma
 10-20x slower; so while anyone else is busy the trainer keeps to half the cores (at least one),
 as it always did. But an idle engine uses almost nothing (measured: 0.03 of a core on 2 cores),
 and in the demo or on a quiet night the other half sat idle. So before each step, at most every
-`every_s`, CoreShare reads how busy the machine was since its last look (/proc/stat) minus what
+`every_s`, CoreShare reads how busy its cores were since its last look (/proc/stat) minus what
 this process used itself (its own CPU time), and gives torch every core the others left free:
 all of them on an idle machine or a training node of its own, half again within a few seconds
 of traffic coming back. torch lets the thread count change between steps.
@@ -46,14 +46,22 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
-def machine_busy_s() -> float | None:
-    """CPU seconds every core of the machine has spent busy since boot (None where unknown)."""
+def machine_busy_s(cpus: set[int] | None = None) -> float | None:
+    """CPU seconds the cores `cpus` (default: this process's affinity) have spent busy since boot
+    (None where unknown). Busy cores outside the affinity (other pods on the host) do not count."""
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    busy = 0
     try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *values = line.split()
+            if not name.startswith("cpu") or name == "cpu" or (cpus is not None and int(name[3:]) not in cpus):
+                continue
+            fields = [int(x) for x in values[:8]]
+            busy += sum(fields) - fields[3] - fields[4]  # all but idle and iowait; guest time is already in user
+    except (OSError, ValueError, IndexError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 class CoreShare:

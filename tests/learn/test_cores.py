@@ -54,3 +54,5 @@ def test_the_machine_can_be_read_here():
     assert usable_cores() >= 1
     busy = machine_busy_s()
     assert busy is None or busy > 0
+    if busy is not None:  # only the cores this process may run on count
+        assert machine_busy_s({0}) <= machine_busy_s() + 0.1 and machine_busy_s(set()) == 0

@@ -245,3 +245,25 @@ def test_scores_the_base_model_through_the_real_gateway(gateway, heldout, tmp_pa
     assert len(lines) == 5
     assert all(isinstance(r["prediction"], str) and r["prediction"] for r in lines)
     assert [r["golds"] for r in lines][1] == ["two", "2"]
+
+
+def test_scored_once_reads_a_model_back_on_the_same_items_and_settings(tmp_path):
+    from learn.evaluate import EvalItem, EvalReport, scored_once
+
+    calls = []
+
+    def evaluate(items, *, model, max_tokens, **_):
+        calls.append((model, max_tokens))
+        return EvalReport(model=model, n_turns=len(items), em=0.5, f1=0.6)
+
+    items = [EvalItem(id="a", source="s", story="Bo has a cat.", turns=[("Who has a cat?", ["Bo"])])]
+    first = scored_once(evaluate, items, tmp_path, model="base", base="/m", label="the first look", max_tokens=32)
+    again = scored_once(evaluate, items, tmp_path, model="base", base="/m", label="cycle 1", max_tokens=32)
+    assert calls == [("base", 32)] and first.cached_from is None and again.cached_from == "the first look"
+    assert (again.em, again.f1, again.n_turns) == (0.5, 0.6, 1)
+    scored_once(evaluate, items, tmp_path, model="base", base="/m", max_tokens=64)  # other settings
+    scored_once(evaluate, items, tmp_path, model="base", base="/other", max_tokens=32)  # another base model
+    scored_once(evaluate, items[:0] + [EvalItem(id="b", source="s", story="x", turns=[("q", ["a"])])], tmp_path,
+                model="base", base="/m", max_tokens=32)  # other items
+    scored_once(evaluate, items, tmp_path, model="base", base="/m", max_tokens=32, reuse=False)  # a candidate: always scored
+    assert len(calls) == 5
