@@ -177,14 +177,10 @@ def three_turns(url: str, settings) -> None:
 
 
 def heldout_scores(settings, url: str, heldout: Path) -> dict:
-    """The base model on the held-out set, kept where the learner's first cycle finds it (it scores its
-    champion, the base model, on the same items: learn/evaluate.py scored_once)."""
-    from learn.evaluate import evaluate, load_heldout, scored_once
+    from learn.evaluate import evaluate
 
-    return scored_once(evaluate, load_heldout(heldout), settings.learn_dirs.runs / "scores", model="base",
-                       base=settings.base_model_path(), label="the demo's first look", url=url,
-                       max_tokens=settings.learn.eval_max_tokens, concurrency=settings.learn.eval_concurrency,
-                       timeout=settings.serve.request_timeout_s, progress=True).to_dict()
+    return evaluate(heldout, model="chat", url=url, max_tokens=settings.learn.eval_max_tokens, concurrency=settings.learn.eval_concurrency,
+                    timeout=settings.serve.request_timeout_s, progress=False).to_dict()
 
 
 def run_cycle_with_progress(settings, url: str):
