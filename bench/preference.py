@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -87,13 +86,16 @@ def recipe(config: TrainConfig, settings, snapshot: Path, stages: list[str], out
 
 
 def trl_run(kind: str, config: TrainConfig, settings, snapshot: Path, out: Path, start: Path | None) -> dict:
-    """TRL's KTOTrainer (from the base) or DPOTrainer (from `start`), the recipe's rows, settings and threads."""
+    """TRL's KTOTrainer (from the base) or DPOTrainer (from `start`), the recipe's rows, settings and thread policy."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) // 2))
+    from learn.cores import CoreShare
+
+    cores = CoreShare(config.threads)  # the recipe's thread policy: the cores nobody else uses
+    torch.set_num_threads(cores.current)
     base = settings.base_model_path()
     from feedback.check import load_token_counter
 
@@ -132,6 +134,10 @@ def trl_run(kind: str, config: TrainConfig, settings, snapshot: Path, out: Path,
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
             clock["start"] = time.perf_counter()
+
+        def on_step_begin(self, *a, **k):
+            if cores.step() != torch.get_num_threads():
+                torch.set_num_threads(cores.current)
 
         def on_train_end(self, *a, **k):
             clock["end"] = time.perf_counter()
