@@ -136,8 +136,7 @@ def trl_run(kind: str, config: TrainConfig, settings, snapshot: Path, out: Path,
             clock["start"] = time.perf_counter()
 
         def on_step_begin(self, *a, **k):
-            if cores.step() != torch.get_num_threads():
-                torch.set_num_threads(cores.current)
+            cores.apply()
 
         def on_train_end(self, *a, **k):
             clock["end"] = time.perf_counter()

@@ -3,8 +3,7 @@
     cores = CoreShare(config.threads)        # None: adaptive; a number: fixed
     torch.set_num_threads(cores.current)
     for step in steps:
-        if cores.step() != torch.get_num_threads():   # cheap; looks at the machine every `every_s`
-            torch.set_num_threads(cores.current)
+        cores.apply()                        # cheap; looks at the machine every `every_s`
         ...
     cores.steps_at                           # {threads: steps trained with that many}
 
@@ -102,4 +101,12 @@ class CoreShare:
                 self.current, self._last = self.want(self.others_busy(self._last, now)), now
                 self._window_s = self.every_s
         self.steps_at[self.current] += 1
+        return self.current
+
+    def apply(self) -> int:
+        """`step()`, with torch's thread count set to it when it changed."""
+        import torch
+
+        if self.step() != torch.get_num_threads():
+            torch.set_num_threads(self.current)
         return self.current

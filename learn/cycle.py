@@ -19,9 +19,9 @@ from the composed settings; `learn run`, `serve --with-learner` and the demo use
      LoRA or from the champion's adapter; the folder appears only when training finished, and only
      then is it registered as a candidate
   4. score champion (the prod version, or the base model) and candidate on the same held-out
-     set through the gateway (a champion already scored on exactly these items is read back from
-     `<runs>/scores/`, not scored again) (`chat@<version>` loads the candidate into the engine unaliased), and
-     on the operator's regression set (`learn.regression_file`) when there is one
+     set through the gateway (`chat@<version>` loads the candidate into the engine unaliased), and
+     on the operator's regression set (`learn.regression_file`) when there is one; a champion
+     already scored on exactly these items is read back from `<runs>/scores/`, not scored again
   5. gate (learn/gate.py): never promote on a held-out set the operator does not control (the
      cycle trains and reports, and says why); promote through the one promotion path
      (learn/promotion.py: a gateway loads and warms the candidate, then prod moves only if it is

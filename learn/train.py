@@ -208,8 +208,7 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
                 for g in range(0, len(batches), config.grad_accum):
                     if len(step_losses) - first_step >= total_steps:
                         break
-                    if cores.step() != torch.get_num_threads():
-                        torch.set_num_threads(cores.current)
+                    cores.apply()
                     tick = time.perf_counter()
                     micro = [[stage.train_set[i] for i in b] for b in batches[g: g + config.grad_accum]]
                     n_units = sum(stage.units(m) for m in micro)  # the step's mean is over all of it, as one large batch

@@ -56,3 +56,15 @@ def test_the_machine_can_be_read_here():
     assert busy is None or busy > 0
     if busy is not None:  # only the cores this process may run on count
         assert machine_busy_s({0}) <= machine_busy_s() + 0.1 and machine_busy_s(set()) == 0
+
+
+def test_apply_sets_torch_to_the_count_of_the_step():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        share = CoreShare(1, cores=2)
+        torch.set_num_threads(2)
+        assert share.apply() == 1 and torch.get_num_threads() == 1 and share.steps_at == {1: 1}
+    finally:
+        torch.set_num_threads(before)
