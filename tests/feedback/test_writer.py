@@ -89,7 +89,8 @@ def test_a_value_json_cannot_hold_is_stored_as_text(db):
 def test_a_turn_the_database_refuses_is_quarantined_not_dropped_and_not_logged(db, tmp_path, caplog):
     @event.listens_for(db, "before_cursor_execute")
     def refuse(conn, cursor, statement, parameters, context, executemany):
-        if statement.startswith("INSERT INTO turn") and "bad" in str(parameters):
+        # the bad turn's own text: "bad" alone also matches random hex ids of the good turns
+        if statement.startswith("INSERT INTO turn") and "TOP-SECRET-PROMPT" in str(parameters):
             raise sqlite3.IntegrityError("NOT NULL constraint failed: turn.new_column")  # a newer schema
 
     quarantined = []
