@@ -7,6 +7,7 @@
     for row in iter_log(db, since=since):   # curation's input, streamed
         ...
     rated_turns(db, since=last_cycle_started)   # the learner's new-ratings trigger
+    version_figures(db, "chat-v0004", since=canary_began)   # a live arm: ratings, ups, requests, errors, p95
     store_secret(db, "heldout_salt")            # a random secret made once per store
 
 Windows (`since`, `until`) are [since, until) on the turn's creation time; a naive datetime is
@@ -107,6 +108,22 @@ def rated_turns(db: Engine, *, since: datetime | None = None) -> int:
         q = q.where(Turn.rated_at > as_utc(since))
     with Session(db) as session:
         return session.exec(q).one()
+
+
+def version_figures(db: Engine, version: str, *, since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+    """Live figures of the turns `version` answered in [since, until): rated turns and thumbs up (one
+    vote per turn, its current rating), requests (turns) and errors (status `error`), and the 95th
+    percentile of latency in seconds (None without turns). The canary's and probation's arms (learn/live.py)."""
+    where = _window(sqlalchemy.select(func.count(), func.count(Turn.rating), func.sum(sqlalchemy.case((Turn.rating == "up", 1), else_=0)),
+                                      func.sum(sqlalchemy.case((Turn.status == "error", 1), else_=0)))
+                    .where(Turn.adapter_version == version), since, until)
+    latencies = _window(sqlalchemy.select(Turn.latency_ms).where(Turn.adapter_version == version, Turn.latency_ms.is_not(None)),
+                        since, until)
+    with db.connect() as conn:
+        requests, ratings, ups, errors = conn.execute(where).one()
+        values = sorted(conn.execute(latencies).scalars())
+    p95 = values[min(len(values) - 1, int(0.95 * len(values)))] / 1000.0 if values else None
+    return {"ratings": ratings or 0, "ups": int(ups or 0), "requests": requests or 0, "errors": int(errors or 0), "p95_latency_s": p95}
 
 
 def store_secret(db: Engine, name: str) -> str:

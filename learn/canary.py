@@ -88,6 +88,7 @@ class CanarySettings(BaseModel):
     max_error_increase: float = Field(0.02, gt=0.0, lt=1.0, description="Roll back once the candidate's error ratio is significantly above the baseline's plus this (0.02 = 2 points).")
     max_p95_ratio: float = Field(3.0, gt=1.0, description="Roll back when the candidate's p95 latency exceeds the baseline's times this (a LoRA adapter may answer about half as fast as the base model on CPU).")
     probation_window: timedelta = Field(timedelta(days=3), description="After any promotion, compare the new version with its predecessor's last window of this length, for this long.")
+    check_seconds: float = Field(30.0, gt=0, description="How often the learner's scheduler checks the running canary and probation (learn/live.py).")
 
     @model_validator(mode="after")
     def _min_below_max(self) -> CanarySettings:

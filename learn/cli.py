@@ -81,7 +81,10 @@ def schedule(ctx: typer.Context, config: ConfigOption = None, api_key: ApiKeyOpt
     setup_logging(logging.INFO)
     settings = load(ctx, config)
     preflight_cycle(settings, gateway_url=settings.gateway_url, api_key=api_key, gateway_required=False)
-    learner = Learner(cycle_runner(settings, api_key=api_key), db=make_db(settings.store_url), schedule=settings.learn.schedule)
+    from learn.live import live_trials
+
+    learner = Learner(cycle_runner(settings, api_key=api_key), db=make_db(settings.store_url), schedule=settings.learn.schedule,
+                      live=live_trials(settings))
     try:
         run_forever(build_scheduler(settings.learn.schedule, learner, blocking=True))
     except ValueError as exc:

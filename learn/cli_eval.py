@@ -95,6 +95,12 @@ def _registry_of(settings):
     return Registry(make_db(settings.store_url))
 
 
+def _pointers(reg):
+    from learn.live import pointers
+
+    return pointers(reg.db)
+
+
 @adapters_app.command("list")
 def list_command(
     ctx: typer.Context,
@@ -102,8 +108,9 @@ def list_command(
     style: StyleOpt = None,
     config: ConfigOption = None,
 ) -> None:
-    """Every version, newest first; the prod one of each (kind, style) is marked with *, and one
-    trained on a snapshot that `data forget` emptied is marked "forgotten" (retrain to drop it)."""
+    """Every version, newest first; the prod one of each (kind, style) is marked with *, a running canary
+    has the state "canary", and one trained on a snapshot that `data forget` emptied is marked
+    "forgotten" (retrain to drop it). Then the live canary and probation, with their last check."""
     from feedback.forget import forgotten_snapshots
 
     reg = _registry(ctx, config)
@@ -114,17 +121,23 @@ def list_command(
     table = Table(title="adapter versions")
     for col in ("", "version", "state", "parent", "EM", "F1", "created", "data"):  # the name tells kind and style
         table.add_column(col, no_wrap=col in ("version", "state", "EM", "F1"))
+    canaries = {p.canary for p in _pointers(reg)}
     for v in versions:
         # the learner stores held-out scores under metrics.heldout.candidate (see learn/cycle.py)
         m = ((v.metrics or {}).get("heldout") or {}).get("candidate") or v.metrics or {}
         em, f1 = (f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "" for k in ("em", "f1"))
         table.add_row(
-            "*" if v.name in prod_names else "", v.name, v.state, v.parent or "", em, f1, v.created_at.strftime("%Y-%m-%d %H:%M"),
+            "*" if v.name in prod_names else "", v.name, "canary" if v.name in canaries else v.state, v.parent or "", em, f1, v.created_at.strftime("%Y-%m-%d %H:%M"),
             "forgotten" if v.snapshot_hash in forgotten else "",
         )
     if any(v.snapshot_hash in forgotten for v in versions):
         table.caption = "forgotten: trained on a snapshot that held data deleted by `tunewheel data forget`; retrain to drop it"
     console.print(table if versions else "no adapter versions yet: `tunewheel learn run` trains the first")
+    from learn.live import describe
+
+    for pointer in _pointers(reg):  # the live canary and probation, as the learner's last check saw them
+        for line in describe(pointer):
+            console.print(f"{pointer.key}: {line}", markup=False, highlight=False)
 
 
 @adapters_app.command("promote")

@@ -58,13 +58,14 @@ from learn.evaluate import evaluate as evaluate_served
 from learn.evaluate import scored_once
 from learn.lock import CycleLock
 from learn import promotion
+from learn.live import canary_from_cycle
 from learn.registry import ChampionMoved
 from learn.settings import LearnDirs, LearnSettings
 from learn.train import train_in_child
 
 log = logging.getLogger("tunewheel.learn")
 
-OUTCOMES = ("promoted", "rejected", "skipped", "failed")
+OUTCOMES = ("promoted", "canary", "rejected", "skipped", "failed")
 
 
 class LearnerCycle(SQLModel, table=True):
@@ -290,7 +291,11 @@ class _Run:
         metrics = {"train": train_metrics, "heldout": {"champion": cycle.champion_scores, "candidate": cycle.candidate_scores}}
         if regression:
             metrics["regression"] = {"champion": regression[0].to_dict(), "candidate": regression[1].to_dict()}
-        if decision.promote:
+        if decision.promote and self.learn.promotion == "canary" and canary_from_cycle(self.registry, cycle, self.learn.canary, metrics):
+            cycle.outcome, cycle.message = "canary", (f"{cycle.version} (F1 {champ.f1:.3f} -> {cand.f1:.3f}) is the canary beside "
+                                                      f"{cycle.champion} until the live test decides")
+            return
+        if decision.promote and self.learn.promotion == "direct":
             change = self.promote(cycle, metrics)
             if change is not None:
                 cycle.outcome, cycle.message = "promoted", f"{change.describe()} (F1 {champ.f1:.3f} -> {cand.f1:.3f})"

@@ -39,7 +39,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Text, func, select, update
+from sqlalchemy import JSON, Column, Text, func, select, update
 from sqlmodel import Field, Session, SQLModel
 
 from learn.registry import (
@@ -78,6 +78,8 @@ class Promotion(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     deadline: datetime
     finished_at: datetime | None = None
+    detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """Why it was asked for (a live canary's decision with its figures); goes on the history row."""
 
 
 class PromotionFailed(RegistryError):
@@ -119,18 +121,18 @@ def check_rank(name: str, path: str | Path, max_rank: int | None) -> None:
 def promote(registry: Registry, name: str, *, expected: str | None | object, requested_by: str,
             load: Callable[[AdapterVersion], Any] | None = None, converge: Callable[[], Any] | None = None,
             wait_s: float = DEFAULT_WAIT_S, max_rank: int | None = None, gate: dict | None = None,
-            metrics: dict | None = None) -> Change:
+            metrics: dict | None = None, detail: dict | None = None) -> Change:
     """Request, load + warm, compare-and-swap (see the module docstring); the Change once prod moved.
 
     `expected`: the prod version the caller decided against (None: the base model). `load(version)`:
     loads and warms it in the engine, raising when it cannot (callers inside a gateway); without it
     a gateway's reconciler does that, `converge()` (when given) asks one in this process to start
     now, and this waits up to `wait_s`. `max_rank`: the engine's LoRA capacity (Settings.lora_capacity).
-    Raises RegistryError (refused, nothing changed), PromotionFailed, ChampionMoved or PromotionTimeout."""
+    `detail`: why (a live decision), kept on the history row of the move. Raises RegistryError (refused, nothing changed), PromotionFailed, ChampionMoved or PromotionTimeout."""
     here = load is not None
     row = request(registry, name, expected=expected, requested_by=requested_by, max_rank=max_rank, wait_s=wait_s,
                   claimed_by=f"{requested_by}@{socket.gethostname()}:{os.getpid()}" if here else None,
-                  gate=gate, metrics=metrics)
+                  gate=gate, metrics=metrics, detail=detail)
     if row.kind != "chat":  # restylers load on first use
         return finish(registry, row.id)
     if not here:
@@ -144,7 +146,7 @@ def promote(registry: Registry, name: str, *, expected: str | None | object, req
 
 def request(registry: Registry, name: str, *, expected: str | None | object, requested_by: str,
             max_rank: int | None = None, claimed_by: str | None = None, wait_s: float = DEFAULT_WAIT_S,
-            gate: dict | None = None, metrics: dict | None = None) -> Promotion:
+            gate: dict | None = None, metrics: dict | None = None, detail: dict | None = None) -> Promotion:
     """Step 1: check and record the request (`pending`); the gate decision and metrics go on the version now."""
     v = registry.get(name)
     if v is None:
@@ -160,7 +162,8 @@ def request(registry: Registry, name: str, *, expected: str | None | object, req
                                 f"still under way; wait for it, or until it expires at {busy.deadline:%H:%M:%S} UTC")
         registry.note(version, gate=gate, metrics=metrics)
         row = Promotion(key=pointer.key, kind=version.kind, style=version.style, version=name, expected=pointer.version,
-                        requested_by=requested_by, claimed_by=claimed_by, deadline=utcnow() + timedelta(seconds=wait_s))
+                        requested_by=requested_by, claimed_by=claimed_by, deadline=utcnow() + timedelta(seconds=wait_s),
+                        detail=detail)
         s.add(row)
         s.commit()
         log.info("promotion %s requested by %s: %s -> %s", row.id, requested_by, row.expected or "base", name)
@@ -184,7 +187,8 @@ def finish(registry: Registry, promotion_id: int, *, error: str | None = None) -
             log.error("promotion %s fell back: %s", row.id, row.error)
             raise PromotionFailed(row.error)
         try:
-            change = registry.flip(s, pointer, row.version, expected=row.expected)
+            change = registry.flip(s, pointer, row.version, expected=row.expected,
+                                   detail={**(row.detail or {}), "requested_by": row.requested_by})
         except RegistryError as exc:  # raised before the flip changed anything
             row.state, row.error = ("superseded" if isinstance(exc, ChampionMoved) else "fell_back"), str(exc)
             s.commit()

@@ -101,15 +101,24 @@ class AliasPointer(SQLModel, table=True):
     version: str | None = Field(default=None, max_length=200)
     last_seq: int = 0
     updated_at: datetime = Field(default_factory=utcnow)
+    # live trials (migration 0007, learn/live.py): the canary beside prod, the probation of the last promoted
+    canary: str | None = Field(default=None, max_length=200)
+    canary_share: float | None = None
+    canary_since: datetime | None = None
+    probation: str | None = Field(default=None, max_length=200)
+    probation_since: datetime | None = None
+    probation_baseline: str | None = Field(default=None, max_length=200)  # what it replaced (None: the base model)
+    live: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))  # the last check's figures
 
 
 class AliasHistory(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     key: str = Field(max_length=200, index=True)
-    action: str = Field(max_length=16)
+    action: str = Field(max_length=16)  # promote | rollback (prod's stack), canary, canary_end, keep (probation passed)
     version: str | None = Field(default=None, max_length=200)
     previous: str | None = Field(default=None, max_length=200)
     created_at: datetime = Field(default_factory=utcnow)
+    detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))  # who and why: a live decision
 
 
 @event.listens_for(AdapterVersion, "before_update")
@@ -316,8 +325,9 @@ class Registry:
                 f"as this promotion expected: it moved meanwhile (a rollback or another promotion), which wins")
 
     def flip(self, s: Session, pointer: AliasPointer, name: str, *, expected: str | None | object = UNCHECKED,
-             gate: dict | None = None, metrics: dict | None = None) -> Change:
-        """The checks and the move of `promote` in a session that holds the pointer's lock (`locked`); not committed."""
+             gate: dict | None = None, metrics: dict | None = None, detail: dict | None = None) -> Change:
+        """The checks and the move of `promote` in a session that holds the pointer's lock (`locked`); not committed.
+        The promoted version goes on probation; a canary of another version stops (its champion changed)."""
         self.check_expected(pointer, expected)
         version = self.promotable(s, pointer, name)
         previous = pointer.version
@@ -325,8 +335,19 @@ class Registry:
             self._version(s, previous).state = "retired"
         version.state = "promoted"
         self.note(version, gate=gate, metrics=metrics)
-        self._move(s, pointer, "promote", name)
+        if pointer.canary is not None and pointer.canary != name:
+            self.stop_canary(s, pointer, {"reason": f"prod moved to {name} during the canary"})
+        self._move(s, pointer, "promote", name, detail)
+        pointer.canary = pointer.canary_share = pointer.canary_since = None
+        pointer.probation, pointer.probation_since, pointer.probation_baseline = name, utcnow(), previous
         return Change(version.kind, version.style, previous, name)
+
+    @staticmethod
+    def stop_canary(s: Session, pointer: AliasPointer, detail: dict) -> None:
+        """End `pointer`'s canary (history `canary_end` with `detail`); the caller holds the lock and commits."""
+        s.add(AliasHistory(key=pointer.key, action="canary_end", version=pointer.canary, previous=pointer.version, detail=detail))
+        pointer.canary = pointer.canary_share = pointer.canary_since = None
+        s.add(pointer)
 
     def reject(self, name: str, gate: dict | None = None, *, metrics: dict | None = None, error: str | None = None) -> AdapterVersion:
         """Mark a candidate rejected, keeping the gate decision (and the error of a failed evaluation)."""
@@ -351,9 +372,12 @@ class Registry:
             s.commit()
             return version
 
-    def rollback(self, kind: str = "chat", style: str | None = None) -> Change:
-        """Move prod back to the version promoted before the current one (or to the base model)."""
+    def rollback(self, kind: str = "chat", style: str | None = None, *, expected: str | None | object = UNCHECKED,
+                 detail: dict | None = None) -> Change:
+        """Move prod back to the version promoted before the current one (or to the base model).
+        `expected`: only while prod is this version (learn/live.py's probation); `detail`: why, for the history."""
         with self.locked(kind, style) as (s, pointer):
+            self.check_expected(pointer, expected)
             stack = self._stack(s, pointer.key)
             if pointer.version is None or len(stack) < 2:
                 raise RegistryError(f"nothing to roll back: {pointer.key} is served by the base model")
@@ -362,7 +386,10 @@ class Registry:
                 self._check_folder(self._version(s, target), current)
                 self._version(s, target).state = "promoted"
             self._version(s, current).state = "retired"
-            self._move(s, pointer, "rollback", target)
+            if pointer.canary is not None:
+                self.stop_canary(s, pointer, {"reason": f"prod rolled back to {target or 'the base model'} during the canary"})
+            self._move(s, pointer, "rollback", target, detail)
+            pointer.probation = pointer.probation_since = pointer.probation_baseline = None
             s.commit()
             return Change(kind, style, current, target)
 
@@ -386,8 +413,8 @@ class Registry:
         return stack
 
     @staticmethod
-    def _move(s: Session, pointer: AliasPointer, action: str, version: str | None) -> None:
-        s.add(AliasHistory(key=pointer.key, action=action, version=version, previous=pointer.version))
+    def _move(s: Session, pointer: AliasPointer, action: str, version: str | None, detail: dict | None = None) -> None:
+        s.add(AliasHistory(key=pointer.key, action=action, version=version, previous=pointer.version, detail=detail))
         pointer.version = version
         pointer.updated_at = utcnow()
         s.add(pointer)

@@ -37,6 +37,7 @@ from learn.settings import ScheduleSettings
 log = logging.getLogger("tunewheel.learn")
 
 MISFIRE_GRACE_S = 3600
+LIVE_JOB = "learner-live"
 
 
 def new_rated_turns(db: Engine) -> int:
@@ -46,11 +47,20 @@ def new_rated_turns(db: Engine) -> int:
 
 
 class Learner:
-    """The jobs: a timed cycle and a new-ratings check, both ending in `run(trigger)`."""
+    """The jobs: a timed cycle and a new-ratings check, both ending in `run(trigger)`, and the check of
+    the live trials (`live`: learn/live.py LiveTrials; the canary and probation), on a thread of its
+    own so that a long cycle does not hold a rollback up."""
 
-    def __init__(self, run: Callable[[str], LearnerCycle], *, db: Engine, schedule: ScheduleSettings):
-        self.run, self.db, self.schedule = run, db, schedule
+    def __init__(self, run: Callable[[str], LearnerCycle], *, db: Engine, schedule: ScheduleSettings, live=None):
+        self.run, self.db, self.schedule, self.live = run, db, schedule, live
         self.last_cycle: LearnerCycle | None = None
+
+    def check_live(self) -> None:
+        """One check of the running canary and probation; never raises."""
+        try:
+            self.live.check()
+        except Exception:
+            log.exception("live trials check crashed")
 
     def cycle(self, trigger: str = "schedule") -> LearnerCycle | None:
         """One cycle; never raises (a scheduler job that raises only logs, and the cycle records itself)."""
@@ -91,6 +101,9 @@ def add_jobs(scheduler, learner: Learner, schedule: ScheduleSettings) -> list[st
     if schedule.min_new_ratings:
         scheduler.add_job(learner.check_ratings, IntervalTrigger(seconds=schedule.check_seconds), id="learner-ratings", **opts)
         ids.append("learner-ratings")
+    if learner.live is not None:
+        scheduler.add_job(learner.check_live, IntervalTrigger(seconds=learner.live.settings.check_seconds), id=LIVE_JOB,
+                          executor="live", **opts)
     return ids
 
 
@@ -101,7 +114,8 @@ def build_scheduler(schedule: ScheduleSettings, learner: Learner, *, blocking: b
     from apscheduler.schedulers.blocking import BlockingScheduler
 
     cls = BlockingScheduler if blocking else BackgroundScheduler
-    scheduler = cls(executors={"default": ThreadPoolExecutor(max_workers=1)}, timezone="UTC")
+    scheduler = cls(executors={"default": ThreadPoolExecutor(max_workers=1), "live": ThreadPoolExecutor(max_workers=1)},
+                    timezone="UTC")
     if not add_jobs(scheduler, learner, schedule):
         log.warning("no learner schedule configured (learn.schedule.cron, interval_minutes or min_new_ratings): nothing will run")
     return scheduler
@@ -109,7 +123,7 @@ def build_scheduler(schedule: ScheduleSettings, learner: Learner, *, blocking: b
 
 def run_forever(scheduler) -> None:
     """`tunewheel learn schedule`: a blocking scheduler until SIGINT/SIGTERM (the running cycle finishes)."""
-    if not scheduler.get_jobs():
+    if not [j for j in scheduler.get_jobs() if j.id != LIVE_JOB]:
         raise ValueError("no learner schedule configured: set learn.schedule.cron, interval_minutes or min_new_ratings")
 
     def stop(signum, _frame) -> None:

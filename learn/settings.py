@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from feedback.curate import CurationConfig
+from learn.canary import CanarySettings
 from learn.train_config import TrainConfig
 
 log = logging.getLogger("tunewheel.learn")
@@ -45,10 +46,10 @@ STAGE_ORDER = ("sft", "kto", "dpo")
 class PolicySettings(BaseModel):
     """`[learn.policy]`: what a cycle trains, and from where."""
 
-    stages: list[Literal["sft", "kto", "dpo"]] = Field(default_factory=lambda: ["sft"], description=(
+    stages: list[Literal["sft", "kto", "dpo"]] = Field(default_factory=lambda: ["sft", "kto"], description=(
         "Training stages of a cycle, in this order: sft (up-rated answers and corrections as targets), kto (thumbs "
         "up/down, unpaired), dpo (pairs: a correction over the answer it corrects). A stage without enough data is "
-        "skipped and the report says why."))
+        "skipped and the report says why. Default sft then kto: the best of bench/preference.py's variants."))
     start: Literal["base", "champion"] = Field("base", description=(
         "base: a fresh LoRA on the base model, trained on the whole snapshot. champion: continue the promoted "
         "adapter (its lineage) on what is new since its snapshot, plus a replay share of earlier snapshots."))
@@ -79,6 +80,11 @@ class LearnSettings(BaseModel):
     gate: GateSettings = Field(default_factory=GateSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
+    promotion: Literal["direct", "canary"] = Field("direct", description=(
+        "What a candidate that passes the gate becomes: direct, production at once; canary, the alias's canary, "
+        "answering learn.canary.share of new conversations until the live test promotes or rolls it back "
+        "(learn/live.py). Either way a promoted version is on probation for learn.canary.probation_window."))
     heldout_fraction: float = Field(0.1, description="Share of conversations held out by curation.")
     heldout_file: str | None = Field(None, description="Fixed held-out eval file (learner format or CoQA JSON); default: the snapshot's "
                                                        "held-out split. Promotion needs an operator-controlled held-out set: this file, "

@@ -71,7 +71,10 @@ def start_learner(settings, db, *, converge: Callable[[], None]):
     from learn.cycle import cycle_runner
     from learn.scheduler import Learner, build_scheduler
 
-    learner = Learner(cycle_runner(settings, converge=converge), db=db, schedule=settings.learn.schedule)
+    from learn.live import live_trials
+
+    learner = Learner(cycle_runner(settings, converge=converge), db=db, schedule=settings.learn.schedule,
+                      live=live_trials(settings, converge=converge))
     scheduler = build_scheduler(settings.learn.schedule, learner)
     scheduler.start()
     log.info("learner scheduler started: %s", ", ".join(str(j.trigger) for j in scheduler.get_jobs()) or "no jobs")

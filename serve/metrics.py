@@ -76,6 +76,8 @@ FEEDBACK = Counter("tunewheel_feedback_total", "Ratings received", ["version", "
 SCORE_ROLES = ("candidate", "champion")
 SPLITS = ("train", "heldout")
 LOOKBACK_CYCLES = 1000  # how far back a gauge looks for the last cycle that measured it
+LIVE_PHASES = ("canary", "probation")
+LIVE_RULES = ("worse", "not_worse", "errors", "latency", "max")
 
 
 class StoreMetrics(Collector):
@@ -121,11 +123,14 @@ def read_store_figures(db) -> dict[str, Any]:
                           .join(AliasPointer, AliasPointer.key == AliasHistory.key)
                           .group_by(AliasPointer.kind, AliasHistory.action)).all()
         fell_back = fallbacks(s)
+        chat = s.get(AliasPointer, "chat")
+        decided = s.execute(select(AliasHistory.action, AliasHistory.detail)
+                            .where(AliasHistory.action.in_(("promote", "rollback", "canary_end", "keep")))).all()
         newest = select(c).order_by(c.id.desc()).limit(LOOKBACK_CYCLES)
         sizes = s.execute(newest.where(c.train_examples.is_not(None))).scalars().first()
         trained = next((cy for cy in s.execute(newest.where(c.version.is_not(None))).scalars() if cy.train_metrics), None)
         # JSON columns hold a JSON null rather than SQL NULL, so the scores are found by reading.
-        scored = s.execute(newest.where(c.outcome.in_(("promoted", "rejected", "failed")))).scalars()
+        scored = s.execute(newest.where(c.outcome.in_(("promoted", "canary", "rejected", "failed")))).scalars()
         scores: dict[str, dict] = {}
         for cycle in scored:
             for role in SCORE_ROLES:
@@ -142,7 +147,21 @@ def read_store_figures(db) -> dict[str, Any]:
         "train_seconds": train.get("duration_s"),
         "moves": {(kind, action): n for kind, action, n in moves},
         "fallbacks": fell_back,
+        "live": _live_figures(chat, decided),
     }
+
+
+def _live_figures(chat: AliasPointer | None, decided) -> dict[str, Any]:
+    """The chat pointer's trials as their last check saw them, and every live decision acted on, by rule."""
+    decisions: dict[tuple[str, str, str], int] = {}
+    for action, detail in decided:
+        if isinstance(detail, dict) and detail.get("phase") in LIVE_PHASES and detail.get("action") in ("promote", "rollback"):
+            key = (detail["phase"], "keep" if action == "keep" else detail["action"], detail.get("rule") or "max")
+            decisions[key] = decisions.get(key, 0) + 1
+    live = (chat.live or {}) if chat is not None else {}
+    return {"share": (chat.canary_share or 0.0) if chat is not None and chat.canary else 0.0,
+            "running": {phase: live.get(phase) for phase in LIVE_PHASES if chat is not None and getattr(chat, phase)},
+            "decisions": decisions}
 
 
 def _families(f: dict[str, Any]) -> dict[str, Metric]:
@@ -170,7 +189,34 @@ def _families(f: dict[str, Any]) -> dict[str, Metric]:
         promotions.add_metric([kind], f.get("moves", {}).get((kind, "promote"), 0))
         rollbacks.add_metric([kind], f.get("moves", {}).get((kind, "rollback"), 0))
         fell_back.add_metric([kind], f.get("fallbacks", {}).get(kind, 0))
-    return {m.name: m for m in (cycles, last, score, size, seconds, promotions, rollbacks, fell_back)}
+    live = _live_families(f.get("live", {}))
+    return {m.name: m for m in (cycles, last, score, size, seconds, promotions, rollbacks, fell_back, *live)}
+
+
+def _live_families(live: dict[str, Any]) -> list[Metric]:
+    """The canary's and probation's figures (learn/live.py): 0 while none runs, so the series always exist."""
+    share = GaugeMetricFamily("tunewheel_canary_share", "Share of new conversations the chat canary answers (0: no canary)",
+                              value=live.get("share", 0.0))
+    ratings = GaugeMetricFamily("tunewheel_live_ratings", "Rated turns per arm of a running trial, at its last check",
+                                labels=["phase", "arm"])
+    up_rate = GaugeMetricFamily("tunewheel_live_up_rate", "Thumbs-up rate per arm of a running trial, at its last check",
+                                labels=["phase", "arm"])
+    evidence = GaugeMetricFamily("tunewheel_live_evidence", "E-values of a running trial's tests (decides at 1/alpha)",
+                                 labels=["phase", "test"])
+    decisions = CounterMetricFamily("tunewheel_live_decisions", "Live decisions acted on: canary promoted or rolled back, "
+                                    "probation kept or rolled back, by the rule that decided", labels=["phase", "decision", "rule"])
+    for phase in LIVE_PHASES:
+        d = (live.get("running") or {}).get(phase) or {}
+        stat = d.get("statistic") or {}
+        for arm, who in (("candidate", "candidate"), ("baseline", "baseline")):
+            ratings.add_metric([phase, arm], (d.get(who) or {}).get("ratings", 0))
+            up_rate.add_metric([phase, arm], stat.get(f"up_rate_{arm}") or 0.0)
+        for test in ("worse", "not_worse", "errors"):
+            evidence.add_metric([phase, test], min(stat.get(f"evidence_{test}") or 0.0, 1e300))
+        for decision in (("promote", "rollback") if phase == "canary" else ("keep", "rollback")):
+            for rule in LIVE_RULES:
+                decisions.add_metric([phase, decision, rule], (live.get("decisions") or {}).get((phase, decision, rule), 0))
+    return [share, ratings, up_rate, evidence, decisions]
 
 
 def _unix(at: datetime) -> float:

@@ -24,7 +24,9 @@ answers, and the old one leaves the engine only after its last request, and only
 gateway replica on the same engine leases it (otherwise a later pass tries again). The version a
 rollback of a prod alias would go back to (`Target.fallbacks[0]`, usually the one just replaced)
 is not unloaded at all (`standby`): a rollback flips the alias at once instead of reloading and
-warming an adapter under load.
+warming an adapter under load. A prod alias's canary (`Target.canary`, learn/live.py) is loaded and
+warmed the same way and only then answers its share (`AliasTable.canaries`); when the canary
+ends it is unloaded like a replaced version, or becomes the alias's version when promoted.
 
 A target that will not load (folder vanished, rank too large, weights that do not fit the base
 model) never leaves an alias on the base model silently: the alias stays on its version while
@@ -128,11 +130,15 @@ class Reconciler:
             now = {alias: self.table.resolve(alias) for alias in targets}
             if all(reached):
                 self.table.synced = True
+            canaries_before = {version for version, _ in self.table.canaries.values()}
+            for alias, target in targets.items():
+                await self._serve_canary(alias, target)
+            canaries = {version for version, _ in self.table.canaries.values()}
             # what a rollback would go back to stays loaded: a rollback is then a flip, not a reload
             was_standby = self.standby
             self.standby = {t.fallbacks[0].version for t in targets.values() if t.fallbacks} - set(now.values())
-            keep = set(now.values()) | self.standby
-            self._retiring |= {v for v in (set(before.values()) | was_standby) - keep
+            keep = set(now.values()) | self.standby | canaries
+            self._retiring |= {v for v in (set(before.values()) | was_standby | canaries_before) - keep
                                if v in self._owned and v not in self._pinned_used}
             self._sweep_pinned(keep=keep)
             await self._heartbeat()
@@ -163,6 +169,24 @@ class Reconciler:
             self._owned.add(target.version)  # an aliased version is ours to unload later, even if another process loaded it
         self._set(alias, target.version, target.version)
         return True
+
+    async def _serve_canary(self, alias: str, target: Target) -> None:
+        """Load the alias's canary (learn/live.py) and let it answer its share; stop when it has none."""
+        canary = target.canary
+        if canary is None or canary.path is None:
+            if self.table.canaries.pop(alias, None) is not None:
+                log.info("alias %s: canary ended", alias)
+            return
+        try:
+            await self.load(canary.version, canary.path)
+        except (AdapterLoadError, httpx.HTTPError) as exc:  # prod answers everything meanwhile
+            self._note(f"alias {alias}: canary {canary.version} will not load, so prod answers every conversation: {exc}")
+            self.table.canaries.pop(alias, None)
+            return
+        self._owned.add(canary.version)
+        if self.table.canaries.get(alias) != (canary.version, target.canary_share):
+            log.info("alias %s: canary %s answers %.0f%% of new conversations", alias, canary.version, 100 * target.canary_share)
+        self.table.canaries[alias] = (canary.version, target.canary_share)
 
     async def _fall_back(self, alias: str, target: Target, current: str | None) -> bool:
         """The target will not load: stay on the current version while the engine has it, else the last
@@ -242,7 +266,8 @@ class Reconciler:
     # --- unloading -----------------------------------------------------------------------
     def in_use(self) -> set[str]:
         """The versions this replica uses: aliased, pinned recently, or with requests in flight."""
-        return {*self.table.aliases().values(), *self._pinned_used, *self.table.busy()} - {self.base_name}
+        canaries = {version for version, _ in self.table.canaries.values()}
+        return {*self.table.aliases().values(), *canaries, *self._pinned_used, *self.table.busy()} - {self.base_name}
 
     async def _heartbeat(self) -> None:
         """Tell the other replicas what this one uses: when that changed, else every HEARTBEAT_S."""
@@ -268,7 +293,8 @@ class Reconciler:
             drained = await self.table.drain(version, timeout=self.drain_timeout_s)
             if drained is False:
                 log.warning("%s still had requests in flight after the drain timeout; unloading anyway", version)
-            if version in self.table.aliases().values() or version in self._pinned_used or version in self.standby:
+            if version in self.table.aliases().values() or version in self._pinned_used or version in self.standby \
+                    or version in {v for v, _ in self.table.canaries.values()}:
                 self._retiring.discard(version)  # a rollback or a pinned request brought it back while we waited
                 return
             if await self._leased_elsewhere(version):

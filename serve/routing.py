@@ -1,7 +1,7 @@
 """Which engine model answers a name: the one place that decides it.
 
     router = Router(settings.serve.aliases, base=settings.engine.served_name, registry=registry)
-    route = await router.route("chat", conversation_id=None)  # Route(model="chat", version="chat-v0003", lease=...)
+    route = await router.route("chat", conversation_key=key)  # Route(model="chat", version="chat-v0003", lease=...)
     with route.lease:
         call_engine(model=route.version)                       # route.load: a folder to load first (pinned only)
     router.targets()          # alias -> Target(version, path): what the reconciler loads and aliases
@@ -29,19 +29,27 @@ with a retryable 503 and `Retry-After` (and /ready with 503), never the engine's
 not exist", which clients do not retry. A prod alias's target carries the last good versions
 (`Target.fallbacks`, from the registry's history) for when prod itself will not load.
 
-A canary (a share of conversations answered by a candidate, a later issue) is a per-request
-decision: `route()` takes the conversation id so that one conversation stays on one version.
+A canary (learn/live.py: a candidate answering a share of new conversations beside prod) is a
+per-request decision: `route()` takes a key of the conversation (`conversation_key`: the client's
+x-conversation-id, else the conversation's opening messages, with the API key) and sends it to the
+canary when a hash of the key and the canary's name falls within the share. The hash needs no
+state, so every turn of a conversation, on any gateway replica, lands on the same arm; a
+conversation already running when a canary starts or ends moves at most once, then. The canary
+answers only once the reconciler has loaded it here (`AliasTable.canaries`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from learn.live import canary_of
 from serve.metrics import ACTIVE_VERSION, FEEDBACK
 from serve.settings import AliasSettings
 
@@ -60,6 +68,9 @@ class Target:
     version: str
     path: str | None = None
     fallbacks: tuple[Target, ...] = ()
+    canary: Target | None = None
+    """The alias's canary (prod aliases only) and the share of conversations it answers."""
+    canary_share: float = 0.0
 
 
 class NotServed(LookupError):
@@ -126,6 +137,7 @@ class AliasTable:
         # an engine restart until it has reloaded them: aliases are not served meanwhile.
         self.synced = synced
         self.loading: dict[str, str] = {}  # alias -> the version the reconciler is trying to put it on
+        self.canaries: dict[str, tuple[str, float]] = {}  # alias -> (canary version, share), once loaded
         self.wake = asyncio.Event()  # set when serving found the engine without a version: reconcile now
         for alias in aliases:
             self.set(alias, base)
@@ -199,6 +211,23 @@ class AliasTable:
         return True
 
 
+def conversation_key(messages: list, *, conversation_id: str | None, key_hash: str | None) -> str:
+    """What a canary share hashes: the client's conversation id, else the conversation's opening (its
+    messages up to the first user message, which every later turn of it repeats); with the API key."""
+    if conversation_id:
+        opening = conversation_id
+    else:
+        first_user = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"), len(messages) - 1)
+        opening = json.dumps(messages[: first_user + 1], sort_keys=True, default=str)
+    return f"{key_hash or ''}\n{opening}"
+
+
+def in_canary(key: str, version: str, share: float) -> bool:
+    """Whether the conversation of `key` is answered by the canary `version` (a stable hash below `share`)."""
+    digest = hashlib.sha256(f"{version}\n{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
 def pinned_version(model: str) -> str | None:
     """`chat@chat-v0003` -> `chat-v0003`; None for any other name."""
     if model.startswith(PINNED_PREFIX) and len(model) > len(PINNED_PREFIX):
@@ -225,9 +254,9 @@ class Router:
         pinned = {v for v in self.table.loaded | set(self.table.aliases().values()) if v != self.base}
         return [*self.table.aliases(), BASE_NAME, *(PINNED_PREFIX + v for v in sorted(pinned))]
 
-    async def route(self, model: str, *, conversation_id: str | None = None) -> Route:
+    async def route(self, model: str, *, conversation_key: str | None = None) -> Route:
         """The route of one request for `model`, leased; UnknownModel when there is none.
-        `conversation_id` (the client's x-conversation-id) is what a canary share will hash."""
+        `conversation_key` (`conversation_key()`) picks the arm while the alias has a canary."""
         load = None
         if model == BASE_NAME:
             version = self.base
@@ -235,6 +264,10 @@ class Router:
             version = self.table.resolve(model)
             if not self.table.serves(model):
                 raise NotServed(model, self.table.loading.get(model, version))
+            canary = self.table.canaries.get(model)
+            if canary is not None and conversation_key is not None and canary[0] in self.table.loaded \
+                    and in_canary(conversation_key, *canary):
+                version = canary[0]
         elif (version := pinned_version(model)) is not None:
             if self.registry is not None:
                 load = await asyncio.to_thread(self.pinned, version)
@@ -260,8 +293,13 @@ class Router:
             log.error("alias %s names adapter %s, which is not in the registry; serving the base model", alias, adapter)
         if v is None:
             return Target(self.base)
-        fallbacks = tuple(Target(g.name, g.path) for g in self.registry.last_good("chat")) if adapter == "prod" else ()
-        return Target(v.name, v.path, fallbacks)
+        if adapter != "prod":
+            return Target(v.name, v.path)
+        fallbacks = tuple(Target(g.name, g.path) for g in self.registry.last_good("chat"))
+        canary = canary_of(self.registry, "chat")
+        if canary is None:
+            return Target(v.name, v.path, fallbacks)
+        return Target(v.name, v.path, fallbacks, canary=Target(canary[0].name, canary[0].path), canary_share=canary[1])
 
     def pinned(self, version: str) -> Target | None:
         """The target of `chat@<version>`: a registry version in a servable state, else None."""

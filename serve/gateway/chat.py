@@ -46,7 +46,7 @@ from serve.gateway.auth import Caller
 from serve.gateway.protocol import APIError, ChatCompletionRequest, engine_payload, not_ready, upstream_error
 from serve.gateway.relay import InFlight, Relay, RelayResponse, TurnRecorder, rejected
 from serve.gateway.restyle import RestyleStep
-from serve.routing import BASE_NAME, PINNED_PREFIX, NotServed, Route, Router, UnknownModel, pinned_version
+from serve.routing import BASE_NAME, PINNED_PREFIX, NotServed, Route, Router, UnknownModel, conversation_key, pinned_version
 
 log = logging.getLogger("tunewheel.gateway")
 T = TypeVar("T")
@@ -80,7 +80,7 @@ class ChatService:
                      conversation_id: str | None, started: float, disconnected: Disconnected | None = None) -> Response:
         """The answer to one validated request: JSON, or an SSE stream. `disconnected`: returns once
         the client has gone (a non-streamed request is cancelled then)."""
-        route = await self._route(request.model, conversation_id, caller)
+        route = await self._route(request.model, conversation_id, caller, body)
         style = request.style or self.alias_styles.get(route.model)
         try:
             if route.load is not None and self.loader is not None:
@@ -114,13 +114,17 @@ class ChatService:
         await self.recorder.durable(flight)
         return JSONResponse(data, headers={"x-tunewheel-adapter": route.version})
 
-    async def _route(self, model: str, conversation_id: str | None, caller: Caller) -> Route:
-        """The router's decision; 404 listing the names this caller may use."""
+    async def _route(self, model: str, conversation_id: str | None, caller: Caller, body: dict[str, Any]) -> Route:
+        """The router's decision; 404 listing the names this caller may use. While the alias has a
+        canary, the conversation's key picks the arm (serve/routing.py)."""
         version = pinned_version(model)
+        key = None
+        if model in self.router.table.canaries:
+            key = conversation_key(body.get("messages") or [], conversation_id=conversation_id, key_hash=caller.key_hash)
         try:
             if version is not None and not caller.operator and not await self._public(version):
                 raise UnknownModel(model, [])
-            return await self.router.route(model, conversation_id=conversation_id)
+            return await self.router.route(model, conversation_key=key)
         except UnknownModel as exc:
             rejected(404)
             hint = "" if caller.operator or version is None else \

@@ -1,6 +1,7 @@
 """Admin routes of the gateway: the adapter registry over HTTP, behind an admin key.
 
-    GET  /admin/adapters[?kind=chat]                 versions, states, lineage, what each alias serves, replicas
+    GET  /admin/adapters[?kind=chat]                 versions, states, lineage, what each alias serves, the live
+                                                     canary and probation with their figures, replicas
     POST /admin/adapters/{version}/promote[?expected=chat-v0002|base]   load + warm it, make it prod, swap the alias
     POST /admin/adapters/rollback?kind=chat[&style]  move prod back to the previous version
     POST /admin/reload                               reconcile engine and aliases with the registry now
@@ -54,8 +55,24 @@ async def list_adapters(gateway: GatewayDep, kind: str | None = None) -> dict[st
     registry, reconciler = _parts(gateway)
     versions = await asyncio.to_thread(registry.list, kind)
     replicas = await asyncio.to_thread(reconciler.leases.describe) if reconciler.leases else []
+    trials = await asyncio.to_thread(live_trials, registry)
     return {"adapters": [version_public(v) for v in versions], "aliases": gateway.router.table.aliases(),
-            "fallback": dict(reconciler.off_target), "replicas": replicas}
+            "canaries": {alias: {"version": v, "share": share} for alias, (v, share) in gateway.router.table.canaries.items()},
+            "trials": trials, "fallback": dict(reconciler.off_target), "replicas": replicas}
+
+
+def live_trials(registry) -> dict[str, Any]:
+    """Per prod pointer with a running canary or probation: its state and the learner's last check (learn/live.py)."""
+    from learn.live import describe, pointers
+
+    out = {}
+    for p in pointers(registry.db):
+        if p.canary or p.probation:
+            out[p.key] = {"prod": p.version, "canary": p.canary, "canary_share": p.canary_share,
+                          "canary_since": p.canary_since and p.canary_since.isoformat(), "probation": p.probation,
+                          "probation_since": p.probation_since and p.probation_since.isoformat(),
+                          "probation_baseline": p.probation_baseline, "last_check": p.live, "summary": describe(p)}
+    return out
 
 
 @router.post("/adapters/{version}/promote")

@@ -245,6 +245,7 @@ def test_rules_and_dashboard_only_name_exported_series():
     assert {"TunewheelEngineDown", "TunewheelErrorRatioHigh", "TunewheelLearnerFailing",
             "TunewheelLearnerStale", "TunewheelPromotedVersionWorse"} <= names
     assert {"TunewheelPromotionFellBack", "TunewheelServingFallback"} <= names  # promotions that fell back
+    assert "TunewheelAutomaticRollback" in names  # the live canary's or a probation's rollback, as information
     assert {"tunewheel:feedback_up_ratio:1h", "tunewheel:request_error_ratio:5m",
             "tunewheel:request_latency_seconds:p95_5m"} <= recorded
 

@@ -252,3 +252,33 @@ def test_cycle_runner_builds_the_cycle_from_the_composed_settings(setup, monkeyp
     assert seen["train"].keywords == {"progress": False}  # progress bars only for a person watching (learn run, demo)
     cycle_runner(settings, gateway_url=URL, api_key="other")("cli")
     assert seen["gateway_url"] == URL and seen["api_key"] == "other"
+
+
+def test_with_canary_promotion_a_passing_candidate_becomes_the_canary_not_prod(setup):
+    from learn.live import canary_of, pointers
+
+    settings, db, registry = setup
+    settings.learn.promotion = "canary"
+    gateway = FakeGateway(registry)
+    report = cycle(settings, db, train=fake_train, evaluate=BETTER, converge=gateway)
+    assert report.outcome == "canary" and "is the canary beside base" in report.message, report.text()
+    version, share = canary_of(registry)
+    assert (version.name, share, version.state) == (report.version, settings.learn.canary.share, "candidate")
+    assert registry.prod("chat") is None and gateway.loaded == []  # production is untouched until users decide
+    assert version.gate["promote"] is True and version.metrics["heldout"]["candidate"]["f1"] == 0.9
+    second = cycle(settings, db, train=fake_train, evaluate=BETTER, converge=gateway)  # one canary at a time
+    assert second.outcome == "rejected" and "already the canary" in second.message
+    assert pointers(db)[0].canary == report.version
+
+    from learn.canary import CanarySettings
+    from learn.live import LiveTrials
+    from tests.learn.test_live import answered
+
+    answered(registry, "base", n=40, up_rate=0.2)
+    answered(registry, report.version, n=40, up_rate=0.9)
+    trials = LiveTrials(registry, CanarySettings(min_ratings=20), base_name="base",
+                        promote=lambda name, expected, detail: registry.promote(name, expected=expected))
+    assert [(o.phase, o.action) for o in trials.check()] == [("canary", "promote")]
+    [first, _] = cycles(db)  # the decision reaches the report of the cycle that made the canary
+    assert first.gate["live"]["action"] == "promote" and "live canary: promoted (not_worse" in first.message
+    assert "live canary: promoted" in Path(first.report_path).with_name("cycle.txt").read_text()

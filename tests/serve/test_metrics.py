@@ -33,7 +33,8 @@ def scraped(*collectors) -> dict[tuple[str, tuple], float]:
     body = render(*collectors)[0].decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(body) for s in family.samples
-            if s.name.startswith(("tunewheel_learner_", "tunewheel_promotions", "tunewheel_rollbacks"))}
+            if s.name.startswith(("tunewheel_learner_", "tunewheel_promotions", "tunewheel_rollbacks", "tunewheel_live_",
+                                  "tunewheel_canary_"))}
 
 
 def cycle(db, outcome: str, minutes: int, **columns) -> None:
@@ -57,6 +58,9 @@ def test_every_series_exists_at_zero_before_the_first_cycle(db):
     for kind in ("chat", "restyler"):
         assert figures[("tunewheel_promotions_total", (("kind", kind),))] == 0
         assert figures[("tunewheel_rollbacks_total", (("kind", kind),))] == 0
+    assert figures[("tunewheel_canary_share", ())] == 0
+    assert figures[("tunewheel_live_decisions_total", (("decision", "rollback"), ("phase", "probation"), ("rule", "worse")))] == 0
+    assert figures[("tunewheel_live_ratings", (("arm", "candidate"), ("phase", "canary")))] == 0
 
 
 def test_cycles_by_outcome_and_the_figures_of_the_last_cycle_that_measured_them(db, tmp_path):
@@ -109,3 +113,33 @@ def test_an_unreadable_store_leaves_only_its_own_series_out(tmp_path):
     body = render(StoreMetrics(broken))[0].decode()
     assert "tunewheel_requests_total" in body or "tunewheel_engine_up" in body
     assert "tunewheel_learner_cycles_total" not in body
+
+
+def test_the_live_canary_and_each_automatic_decision_with_its_rule(db, tmp_path):
+    from learn.live import LiveTrials, start_canary
+    from learn.canary import CanarySettings
+    from tests.learn.test_live import answered
+
+    registry = Registry(db)
+    names = []
+    for _ in range(3):
+        names.append(registry.new_version_name("chat"))
+        (tmp_path / names[-1]).mkdir()
+        registry.register(names[-1], kind="chat", path=tmp_path / names[-1])
+    v1, v2, v3 = names
+    registry.promote(v1, expected=None)
+    answered(registry, v1, n=60, up_rate=0.9, at=datetime.now(timezone.utc) - timedelta(hours=1))
+    registry.promote(v2, expected=v1)
+    answered(registry, v2, n=60, up_rate=0.1)
+    settings = CanarySettings(min_ratings=20, min_requests=20)
+    LiveTrials(registry, settings, base_name="base", promote=lambda *a: None).check()  # probation rolls v2 back
+    figures = scraped(StoreMetrics(db))
+    assert figures[("tunewheel_live_decisions_total", (("decision", "rollback"), ("phase", "probation"), ("rule", "worse")))] == 1
+    assert figures[("tunewheel_rollbacks_total", (("kind", "chat"),))] == 1 and figures[("tunewheel_canary_share", ())] == 0
+    start_canary(registry, v3, share=0.1, expected=v1)
+    answered(registry, v3, n=7, up_rate=1.0)
+    LiveTrials(registry, settings, base_name="base", promote=lambda *a: None).check()  # too few ratings: continue
+    figures = scraped(StoreMetrics(db))
+    assert figures[("tunewheel_canary_share", ())] == 0.1
+    assert figures[("tunewheel_live_ratings", (("arm", "candidate"), ("phase", "canary")))] == 7
+    assert figures[("tunewheel_live_up_rate", (("arm", "candidate"), ("phase", "canary")))] == 1.0

@@ -111,6 +111,48 @@ async def test_promotion_loads_warms_then_flips_then_unloads_after_drain(world):
     assert set(engine.loaded) == {v2, v3}  # v1 is two rollbacks away: unloaded after its drain
 
 
+async def test_a_canary_is_loaded_and_warmed_before_it_answers_and_leaves_when_rolled_back(world):
+    from learn.live import end_canary, start_canary
+
+    registry, engine, new_version, gateway = world
+    v1, v2 = new_version(), new_version()
+    registry.promote(v1, expected=None)
+    table, reconciler = gateway()
+    await reconciler.reconcile()
+    start_canary(registry, v2, share=0.25, expected=v1)
+    await reconciler.reconcile()
+    assert engine.calls[-2:] == [("load", v2), ("warm", v2)]
+    assert table.canaries == {"chat": (v2, 0.25)} and table.resolve("chat") == v1 and v2 in reconciler.in_use()
+    restarted, again = gateway()  # a restarted (or another) gateway replica routes the same canary from the registry
+    await again.reconcile()
+    assert restarted.canaries == {"chat": (v2, 0.25)} and restarted.resolve("chat") == v1
+    end_canary(registry, v2, {"reasons": ["rated worse"]})
+    await again.reconcile()  # each replica stops using it; the engine unloads it once neither does
+    await reconciler.reconcile()
+    for _ in range(50):
+        if v2 not in engine.loaded:
+            break
+        await asyncio.sleep(0.02)
+    assert table.canaries == {} and v2 not in engine.loaded and engine.loaded.keys() == {v1}
+
+
+async def test_a_promoted_canary_becomes_the_alias_without_a_reload(world):
+    from learn.live import start_canary
+
+    registry, engine, new_version, gateway = world
+    v1, v2 = new_version(), new_version()
+    registry.promote(v1, expected=None)
+    table, reconciler = gateway()
+    await reconciler.reconcile()
+    start_canary(registry, v2, share=0.25, expected=v1)
+    await reconciler.reconcile()
+    loads = engine.calls.count(("load", v2))
+    registry.promote(v2, expected=v1)
+    await reconciler.reconcile()
+    assert table.resolve("chat") == v2 and table.canaries == {} and engine.calls.count(("load", v2)) == loads == 1
+    assert v1 in reconciler.standby  # and the version it replaced is what a rollback flips back to
+
+
 async def test_rollback_brings_the_previous_version_back(world):
     registry, engine, new_version, gateway = world
     _, rec = gateway()

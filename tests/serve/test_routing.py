@@ -50,7 +50,7 @@ async def test_an_alias_is_answered_by_what_the_table_serves_now_and_leased():
     first = await router.route("chat")
     assert (first.model, first.version, first.load) == ("chat", "base", None)
     router.table.set("chat", "chat-v0002")  # the reconciler flipped it after loading
-    second = await router.route("chat", conversation_id="conv-1")
+    second = await router.route("chat", conversation_key="conv-1")
     assert second.version == "chat-v0002"
     assert router.table.in_flight("base") == 1 and router.table.in_flight("chat-v0002") == 1
     with first.lease, second.lease:
@@ -120,3 +120,49 @@ def test_a_style_is_restyled_by_its_promoted_restyler(registry, tmp_path):
     assert router.styles() == ["pirate"]
     assert router.restyler("Not A Style!") is None
     assert Router(aliases(), base="base").restyler("pirate") is None
+
+
+def test_a_conversation_keeps_its_key_from_turn_to_turn_and_per_api_key():
+    from serve.routing import conversation_key
+
+    system = {"role": "system", "content": "Story: Ann has a kite."}
+    first = [system, {"role": "user", "content": "What does Ann have?"}]
+    later = [*first, {"role": "assistant", "content": "a kite"}, {"role": "user", "content": "What colour?"}]
+    key = conversation_key(first, conversation_id=None, key_hash="k1")
+    assert conversation_key(later, conversation_id=None, key_hash="k1") == key
+    assert conversation_key(first, conversation_id=None, key_hash="k2") != key
+    other = [system, {"role": "user", "content": "Who is Ann?"}]
+    assert conversation_key(other, conversation_id=None, key_hash="k1") != key
+    assert conversation_key(other, conversation_id="c-9", key_hash="k1") == conversation_key(later, conversation_id="c-9", key_hash="k1")
+
+
+def test_the_canary_share_is_a_stable_hash_of_the_conversation():
+    from serve.routing import in_canary
+
+    keys = [f"conversation {i}" for i in range(4000)]
+    picked = [k for k in keys if in_canary(k, "chat-v0002", 0.1)]
+    assert 0.08 < len(picked) / len(keys) < 0.12
+    assert picked == [k for k in keys if in_canary(k, "chat-v0002", 0.1)]  # the same on every replica, every time
+    assert set(picked) < {k for k in keys if in_canary(k, "chat-v0002", 0.3)}  # a larger share keeps the smaller's
+    assert picked != [k for k in keys if in_canary(k, "chat-v0003", 0.1)]  # each canary its own sample
+
+
+async def test_an_alias_with_a_loaded_canary_sends_its_share_of_conversations_there(registry, tmp_path):
+    from learn.live import start_canary
+    from serve.routing import in_canary
+
+    v1, v2 = add_version(registry, tmp_path), add_version(registry, tmp_path)
+    registry.promote(v1, expected=None)
+    start_canary(registry, v2, share=0.5, expected=v1)
+    router = Router(aliases(), base="base", registry=registry)
+    target = router.targets()["chat"]
+    assert (target.version, target.canary.version, target.canary_share) == (v1, v2, 0.5)
+    router.table.synced = True
+    router.table.set("chat", v1)
+    keys = [f"c{i}" for i in range(40)]
+    assert {(await router.route("chat", conversation_key=k)).version for k in keys} == {v1}  # not loaded yet: prod only
+    router.table.canaries["chat"] = (v2, 0.5)
+    router.table.loaded.add(v2)
+    routes = {k: (await router.route("chat", conversation_key=k)).version for k in keys}
+    assert routes == {k: v2 if in_canary(k, v2, 0.5) else v1 for k in keys} and set(routes.values()) == {v1, v2}
+    assert router.table.in_flight(v2) == sum(v == v2 for v in routes.values())  # each route leases its arm
