@@ -91,6 +91,8 @@ class LiveTrials:
                 outcomes.append(outcome)
                 if outcome.action != "continue" and outcome.error is None:
                     log.info("live %s of %s: %s (%s)", phase, outcome.version, outcome.action, "; ".join(outcome.reasons))
+                    if phase == "probation" and outcome.action == "rollback":
+                        break  # the rollback moved prod, which ended the canary beside it
             try:
                 record_live(self.registry.db, pointer.key, live)
             except Exception as exc:

@@ -5,7 +5,7 @@
 Two real adapters of SmolLM2: `pirate`, trained here (a few dozen steps) to answer every question
 "Arr matey!", which the simulated users always rate down, and `plain`, a fresh LoRA that answers
 as the base model does, which they rate up 85% of the time (seeded). Users chat through the
-gateway from 6 threads, each conversation new, read `x-tunewheel-adapter` and rate through
+gateway from 8 threads, each conversation new, read `x-tunewheel-adapter` and rate through
 `POST /v1/feedback`, while the learner's live check (learn/live.py, as its scheduler runs it)
 runs every second. One gateway sees, in order:
   1. prod `pirate`, canary `plain` (half the conversations): users rate the canary better, so it
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import threading
 import time
@@ -37,6 +38,7 @@ from learn.live import LiveTrials, start_canary
 from learn.registry import AliasHistory
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
+PIRATE = re.compile(r"\barr+\b", re.IGNORECASE)  # what the simulated users dislike
 SETTINGS = CanarySettings(min_ratings=20, min_requests=20, max_ratings=2000)
 
 
@@ -66,12 +68,14 @@ def adapters(model_dir, tmp_path_factory):
 class Users:
     """Simulated users on `threads` threads: a new conversation per request, each answer rated."""
 
-    def __init__(self, gw, threads: int = 6):
+    def __init__(self, gw, threads: int = 8):
         self.gw, self.threads, self.stop = gw, threads, threading.Event()
         self.answered: list[str] = []  # the version that answered each request
+        self.started: list[float] = []  # when each answered request was sent (time.monotonic())
         self.failures: list[str] = []
         stories = synth_coqa(stories=12, seed=21, variant="B")["data"]
-        self.prompts = [[{"role": "system", "content": f"Read the story and extract answers for the questions.\nStory: {s['story']}"},
+        # short stories: a LoRA's prefill is the slow part on CPU, and the users only need answers to rate
+        self.prompts = [[{"role": "system", "content": f"Read the story and extract answers for the questions.\nStory: {s['story'][:200]}"},
                          {"role": "user", "content": q["input_text"]}] for s in stories for q in s["questions"]]
         self.workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
@@ -93,13 +97,15 @@ class Users:
                 n += 1
                 messages = [*rng.choice(self.prompts)]
                 messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n(user {i}, conversation {n})"}
-                r = http.post("/v1/chat/completions", json={"model": "chat", "messages": messages, "max_tokens": 8, "temperature": 0})
+                sent = time.monotonic()
+                r = http.post("/v1/chat/completions", json={"model": "chat", "messages": messages, "max_tokens": 6, "temperature": 0})
                 if r.status_code != 200:
                     self.failures.append(f"{r.status_code} {r.text[:200]}")
                     continue
                 answer = r.json()["choices"][0]["message"]["content"] or ""
                 self.answered.append(r.headers["x-tunewheel-adapter"])
-                liked = "arr" not in answer.lower() and rng.random() < 0.85
+                self.started.append(sent)
+                liked = PIRATE.search(answer) is None and rng.random() < 0.85
                 f = http.post("/v1/feedback", json={"completion_id": r.json()["id"], "rating": "up" if liked else "down"})
                 if f.status_code != 201:
                     self.failures.append(f"feedback {f.status_code} {f.text[:200]}")
@@ -151,7 +157,6 @@ def test_users_promote_a_better_canary_roll_back_a_worse_one_and_probation_rolls
     with Users(gw) as users:
         outcome = decided(trials, "canary", plain)
         serves(gw, plain)
-        time.sleep(2)
     assert (outcome.action, outcome.rule) == ("promote", "not_worse"), outcome.reasons
     assert users.failures == [] and {pirate, plain} <= set(users.answered)
     move = history(gw, "promote", plain)
@@ -162,11 +167,14 @@ def test_users_promote_a_better_canary_roll_back_a_worse_one_and_probation_rolls
     start_canary(reg, pirate2, share=0.5, expected=plain)
     with Users(gw) as users:
         outcome = decided(trials, "canary", pirate2)
-        time.sleep(4)  # the reconciler's next pass stops routing to it
-        before = len(users.answered)
-        time.sleep(6)
+        deadline = time.monotonic() + 30
+        while gw.router.table.canaries and time.monotonic() < deadline:  # the reconciler's next pass stops routing to it
+            time.sleep(0.2)
+        stopped = time.monotonic()
+        time.sleep(5)
     assert (outcome.action, outcome.rule) == ("rollback", "worse"), outcome.reasons
-    assert users.failures == [] and pirate2 in users.answered and pirate2 not in users.answered[before:]
+    after = [v for v, sent in zip(users.answered, users.started) if sent > stopped]
+    assert users.failures == [] and pirate2 in users.answered and after and pirate2 not in after
     assert reg.get(pirate2).state == "rejected" and reg.prod().name == plain
     end = history(gw, "canary_end", pirate2)
     assert end.detail["action"] == "rollback" and end.detail["candidate"]["ratings"] >= SETTINGS.min_ratings
@@ -176,11 +184,10 @@ def test_users_promote_a_better_canary_roll_back_a_worse_one_and_probation_rolls
         promote(pirate, plain, {"requested_by": "test"})  # a direct promotion: pirate goes on probation
         outcome = decided(trials, "probation", pirate)
         serves(gw, plain)
-        time.sleep(2)
     assert (outcome.action, outcome.rule, outcome.baseline) == ("rollback", "worse", plain), outcome.reasons
     assert users.failures == [] and reg.prod().name == plain
     assert history(gw, "rollback", plain).detail["phase"] == "probation"
     metrics = httpx.get(f"{gw.url}/metrics", trust_env=False).text
-    assert 'tunewheel_live_decisions_total{phase="probation",decision="rollback",rule="worse"} 1.0' in metrics
-    assert 'tunewheel_live_decisions_total{phase="canary",decision="rollback",rule="worse"} 1.0' in metrics
-    assert 'tunewheel_live_decisions_total{phase="canary",decision="promote",rule="not_worse"} 1.0' in metrics
+    assert 'tunewheel_live_decisions_total{decision="rollback",phase="probation",rule="worse"} 1.0' in metrics
+    assert 'tunewheel_live_decisions_total{decision="rollback",phase="canary",rule="worse"} 1.0' in metrics
+    assert 'tunewheel_live_decisions_total{decision="promote",phase="canary",rule="not_worse"} 1.0' in metrics
