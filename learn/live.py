@@ -37,6 +37,7 @@ from learn.canary import ArmFigures, CanaryDecision, CanarySettings, decide
 from sqlalchemy import select, update
 from sqlmodel import Session
 
+from learn.registry import _key as pointer_key  # the one spelling of a pointer's key ("chat", "restyler-<style>")
 from learn.registry import UNCHECKED, AdapterVersion, AliasHistory, AliasPointer, Registry, RegistryError, utcnow
 
 log = logging.getLogger("tunewheel.live")
@@ -298,7 +299,7 @@ def describe(pointer: AliasPointer) -> list[str]:
 def canary_of(registry: Registry, kind: str = "chat", style: str | None = None) -> tuple[AdapterVersion, float] | None:
     """The canary version of (kind, style) and the share of conversations it answers, or None."""
     with Session(registry.db) as s:
-        pointer = s.get(AliasPointer, f"{kind}" if style is None else f"{kind}-{style}")
+        pointer = s.get(AliasPointer, pointer_key(kind, style))
         if pointer is None or pointer.canary is None:
             return None
         version = s.get(AdapterVersion, pointer.canary)
