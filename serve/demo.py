@@ -78,6 +78,8 @@ model = "{model.resolve()}"
 [learn]
 seed_files = {seeds}
 heldout_file = "{files['heldout'].resolve()}"
+# the operator's held-out file is the gate: holding users' conversations out too would only take training data away
+heldout_fraction = 0.0
 
 [learn.policy]
 stages = {stages}

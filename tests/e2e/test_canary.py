@@ -151,12 +151,19 @@ def test_users_promote_a_better_canary_roll_back_a_worse_one_and_probation_rolls
     trials = LiveTrials(reg, SETTINGS, base_name=gw.settings.engine.served_name, promote=promote)
     reg.promote(pirate, expected=None)
     serves(gw, pirate)
+    clock = time.monotonic()
+
+    def lap(what: str) -> None:  # each phase's seconds, in the test log
+        nonlocal clock
+        print(f"{what}: {time.monotonic() - clock:.1f} s")
+        clock = time.monotonic()
 
     # 1. a canary the users rate better is promoted
     start_canary(reg, plain, share=0.5, expected=pirate)
     with Users(gw) as users:
         outcome = decided(trials, "canary", plain)
         serves(gw, plain)
+    lap("1. canary promoted")
     assert (outcome.action, outcome.rule) == ("promote", "not_worse"), outcome.reasons
     assert users.failures == [] and {pirate, plain} <= set(users.answered)
     move = history(gw, "promote", plain)
@@ -172,6 +179,7 @@ def test_users_promote_a_better_canary_roll_back_a_worse_one_and_probation_rolls
             time.sleep(0.2)
         stopped = time.monotonic()
         time.sleep(5)
+    lap("2. canary rolled back")
     assert (outcome.action, outcome.rule) == ("rollback", "worse"), outcome.reasons
     after = [v for v, sent in zip(users.answered, users.started) if sent > stopped]
     assert users.failures == [] and pirate2 in users.answered and after and pirate2 not in after
@@ -184,6 +192,7 @@ def test_users_promote_a_better_canary_roll_back_a_worse_one_and_probation_rolls
         promote(pirate, plain, {"requested_by": "test"})  # a direct promotion: pirate goes on probation
         outcome = decided(trials, "probation", pirate)
         serves(gw, plain)
+    lap("3. probation rolled back")
     assert (outcome.action, outcome.rule, outcome.baseline) == ("rollback", "worse", plain), outcome.reasons
     assert users.failures == [] and reg.prod().name == plain
     assert history(gw, "rollback", plain).detail["phase"] == "probation"

@@ -40,7 +40,7 @@ def _cli(*args, settings):
     return result.output
 
 
-def _gateway_with_restylers(engine_url, model_dir, tmp, styles: list[str], *train_args: str):
+def _gateway_with_restylers(engine_url, model_dir, tmp, styles: list[str], *train_args: str, texts: int = 60):
     """A gateway with a restyler per style built, trained and gated through the CLI; each one must be promoted."""
     from tests.fixtures.gateway import start_gateway
 
@@ -50,7 +50,7 @@ def _gateway_with_restylers(engine_url, model_dir, tmp, styles: list[str], *trai
         for style in styles:
             started = time.perf_counter()
             corpus = tmp / f"{style}.jsonl"
-            corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in synth_corpus(60, seed=0, style=style)))
+            corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in synth_corpus(texts, seed=0, style=style)))
             print(_cli("restyle", "build", "--style", style, "--texts", str(corpus), "--url", gw.url, "--markers-only",
                        settings=gw.settings))
             out = _cli("restyle", "train", "--style", style, "--url", gw.url, *train_args, settings=gw.settings)
@@ -74,10 +74,10 @@ def restylers(engine_url, model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served_restyler(engine_url, model_dir, tmp_path_factory):
-    """A pirate restyler for the serving path: a short training, and a gate that asks no style gain (an
-    operator's override), so what is checked is the gateway's restyle step, not the style's strength."""
+    """A pirate restyler for the serving path: a small corpus, a short training, and a gate that asks no style
+    gain (an operator's override), so what is checked is the gateway's restyle step, not the style's strength."""
     gw = _gateway_with_restylers(engine_url, model_dir, tmp_path_factory.mktemp("restyle-path"), ["pirate"],
-                                 "--answers", "4", "--max-steps", "20", "--min-style-gain", "-1")
+                                 "--answers", "2", "--max-steps", "12", "--min-style-gain", "-1", texts=24)
     yield gw
     gw.stop()
 

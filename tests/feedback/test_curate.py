@@ -135,6 +135,27 @@ def test_filters_count_what_they_remove():
     assert counts.removed_preferences == {"invalid": 1, "exact_duplicate": 1, "too_long": 1}
 
 
+def test_an_over_long_conversation_is_cut_to_its_last_turns_with_its_system_message_kept():
+    """A corrected late turn of a long conversation: its oldest exchanges go until it fits, the
+    story (system) and the corrected turn stay; a first turn that is too long alone is removed."""
+    story = msg(S, "Story: " + "word " * 10)
+    history = [story]
+    for i in range(6):
+        history += [msg(U, f"Question {i} " + "pad " * 4), msg(A, f"Answer {i}")]
+    rows = [turn("long", 0, [*history, msg(U, "And the last one?")], "Wrong.", "down", correction="Right.")]
+    rows.append(turn("alone", 0, [msg(U, "word " * 40)], "Too long alone.", "up"))
+    counts, out = run(rows, max_tokens=36)
+    [example] = out["train"]
+    messages = example["messages"]
+    assert messages[0] == story and messages[-2:] == [msg(U, "And the last one?"), msg(A, "Right.")]
+    assert [m["role"] for m in messages] == [S, U, A, U, A, U, A]  # two exchanges of six fit: 11 + 2 * (6 + 2) + 4 + 1 words
+    assert messages[1]["content"].startswith("Question 4")
+    [pair] = out["pair"]
+    assert [m["content"] for m in pair["prompt"]] == [m["content"] for m in messages[:-1]] and pair["chosen"] == [msg(A, "Right.")]
+    assert counts.shortened == {"sft": 1, "kto": 2, "dpo": 1}
+    assert counts.removed["too_long"] == 1 and counts.removed_preferences["too_long"] == 1  # the first turn alone
+
+
 def test_pii_is_scrubbed_and_counted_in_every_output():
     rows = [turn("x", 0, [msg(U, "My mail is bob@mail.org")], "Noted, bob@mail.org.", "down", correction="Call +44 20 7946 0958.")]
     counts, out = run(rows)
