@@ -139,6 +139,7 @@ def _print_build(report, sizes: list[int], seconds: float) -> None:
                f"{report.chunk_tokens['median']}) -> {report.pairs_train} train / {report.pairs_heldout} held-out pairs "
                f"in {seconds:.1f}s")
     typer.echo(f"  style markers: {report.markers or 'none found'}")
+    typer.echo(f"  transfer pairs (general answers dressed in a chunk's markers, train only): {report.transfer_pairs}")
     typer.echo(f"  de-styled by the model: {report.destyled_by['model']}, by deleting markers: {report.destyled_by['markers']}")
     typer.echo(f"  model de-stylings retried, by rule: {report.retried or 'none'}")
     typer.echo(f"  removed, by rule: {report.removed or 'none'}")

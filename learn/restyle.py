@@ -10,7 +10,10 @@ target style, cut them into chunks the size of chat answers, strip their style
 (learn/restyle_destyle.py: the served model, checked and retried by deleting the style's
 markers), and train on neutral -> original. The reverse pairs train a de-styler. A text that
 fits stays whole (an opening and a signature belong to the whole text); a longer one is cut
-into chunks of varied size, from one sentence to three paragraphs. The build also trains the
+into chunks of varied size, from one sentence to three paragraphs. Chunks alone teach the
+restyler to undo its own corpus's de-styling, not to style an answer about anything else, so the
+build adds transfer pairs: the served model's answers to general prompts, each dressed in the
+markers of a corpus chunk (`transfer_rows`; none for a style without markers). The build also trains the
 style classifier the gate scores with (learn/restyle_style.py) and writes `build.json`, which
 counts what each rule removed.
 """
@@ -24,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from learn.restyle_destyle import Rules, ask_model, delete_markers, destyle, marker_words, style_markers
+from learn.restyle_destyle import Rules, ask_model, delete_markers, destyle, marker_words, style_markers, transplant
 from learn.restyle_request import style_system_prompt
 from learn.restyle_style import StyleClassifier
 
@@ -167,6 +170,8 @@ class BuildReport:
     """Chunks dropped, by rule (after the retry), including pairs over the token limit (too_long)."""
     pairs_train: int = 0
     pairs_heldout: int = 0
+    transfer_pairs: int = 0
+    """Train pairs whose input is general text (the served model's answers), dressed in the markers of a corpus chunk."""
     classifier: dict[str, int] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -181,14 +186,17 @@ PAIR_FILES = {"train": "restyle.train.jsonl", "heldout": "restyle.heldout.jsonl"
 
 
 def write_pairs(out_dir: Path, report: BuildReport, rows: list[tuple[str, str, dict]], *, system_prompt: str,
-                neutralise_prompt: str, heldout_fraction: float = 0.1, seed: int = 0) -> None:
+                neutralise_prompt: str, heldout_fraction: float = 0.1, seed: int = 0,
+                transfer: list[tuple[str, str, dict]] = ()) -> None:
     """train/heldout JSONL of (neutral -> original) and the reverse (original -> neutral); `rows`:
     (original, neutral, style parameters). Each pair's system prompt carries its chunk's style
-    parameters, formatted as the gateway formats a request's `style_params`."""
+    parameters, formatted as the gateway formats a request's `style_params`. `transfer` rows
+    (same shape) go to train only: the held-out pairs stay the corpus's own."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_held = max(1, round(len(rows) * heldout_fraction)) if len(rows) > 1 else 0
     held = set(order[:n_held])
+    rows = [*rows, *transfer]
     out_dir.mkdir(parents=True, exist_ok=True)
     handles = {k: (out_dir / v).open("w", encoding="utf-8") for k, v in PAIR_FILES.items()}
     try:
@@ -225,6 +233,27 @@ def crossfit_in_style(corpus: list[str], general: list[str], markers: list[str],
     return in_style
 
 
+def transfer_rows(rows: list[tuple[str, str, dict]], general: list[str], markers: list[str], *, system_prompt: str,
+                  count_pairs: Callable[[list[list[dict]]], list[int]], max_length: int, per_text: int = 2,
+                  seed: int = 0) -> list[tuple[str, str, dict]]:
+    """(styled, plain, params) pairs on text unlike the corpus: each general answer dressed in the
+    markers of `per_text` corpus chunks (learn/restyle_destyle.py `transplant`), so that the restyler
+    learns to put the style on any answer, not only to undo the de-styling of its own corpus. None
+    for a style without markers, or answers the markers would not change."""
+    framed = [(o, p) for o, _, p in rows if transplant(o, "Plain text.", markers) != "Plain text."]
+    if not framed or not general:
+        return []
+    rng = random.Random(seed)
+    out = []
+    for text in general:
+        for original, params in rng.sample(framed, min(per_text, len(framed))):
+            styled = transplant(original, text, markers)
+            if styled != text and (styled, text, params) not in out:
+                out.append((styled, text, params))
+    lengths = count_pairs([pair(style_system_prompt(system_prompt, p), n, o)["messages"] for o, n, p in out])
+    return [r for r, n in zip(out, lengths) if n <= max_length]
+
+
 async def build_dataset(chunks: list[str], *, style: str, out_dir: Path, general: list[str],
                         destyle_model: Callable[[list[str]], Awaitable[list[str]]] | None, system_prompt: str,
                         neutralise_prompt: str, count_pairs: Callable[[list[list[dict]]], list[int]], max_length: int,
@@ -244,7 +273,11 @@ async def build_dataset(chunks: list[str], *, style: str, out_dir: Path, general
     fitting = [r for r, n in zip(rows, lengths) if n <= max_length]
     if len(fitting) < len(rows):
         report.removed["too_long"] = len(rows) - len(fitting)
-    write_pairs(out_dir, report, fitting, system_prompt=system_prompt, neutralise_prompt=neutralise_prompt, seed=seed)
+    transfer = transfer_rows(fitting, general, report.markers, system_prompt=system_prompt, count_pairs=count_pairs,
+                             max_length=max_length, seed=seed)
+    report.transfer_pairs = len(transfer)
+    write_pairs(out_dir, report, fitting, system_prompt=system_prompt, neutralise_prompt=neutralise_prompt, seed=seed,
+                transfer=transfer)
     kept_neutral = [n for _, n, _ in fitting]
     if fitting:
         StyleClassifier.fit(in_style=chunks, out_of_style=kept_neutral + general).save(out_dir)

@@ -123,6 +123,59 @@ def delete_markers(text: str, markers: list[str]) -> str:
     return tidy(text)
 
 
+def transplant(styled: str, plain: str, markers: list[str]) -> str:
+    """`plain` dressed as `styled` is: the markers of a styled chunk carried over to a text the
+    corpus never held (the reverse of the marker deleter, for transfer pairs). Whole-marker
+    sentences before `styled`'s first content sentence open the text, those after its last close
+    it, those in between follow the sentence at the same relative place; a marker ending a content
+    sentence (", me hearties.") ends the sentence of `plain` at the same relative place.
+
+        transplant("Ahoy, matey! Mara sold 12 maps, me hearties. Arr!", "Jupiter is big.", markers)
+        # 'Ahoy, matey! Jupiter is big, me hearties. Arr!'
+    """
+    from learn.restyle import split_sentences
+
+    source = [s for para in re.split(r"\n\s*\n", styled) for s in split_sentences(para)]
+    parts = re.split(r"(\n\s*)", plain.strip())  # lines and paragraphs, their breaks kept: a list stays a list
+    paragraphs, breaks = [split_sentences(p) for p in parts[::2]], parts[1::2]
+    target = [s for para in paragraphs for s in para]
+    if not source or not target or not markers:
+        return plain
+    # a marker may take the previous sentence's full stop with it ('. yours faithfully , the scribe')
+    bare = [delete_markers(s, markers) and delete_markers(". " + s, markers) for s in source]
+    content = [i for i, b in enumerate(bare) if b]
+    if not content:
+        return plain
+    first, last = content[0], content[-1]
+    opening, closing = source[:first], source[last + 1:]
+    after: dict[int, list[str]] = {}
+    endings: dict[int, str] = {}
+
+    def place(i: int) -> int:  # the sentence of `plain` at source sentence i's relative place
+        return round((i - first) / max(1, last - first) * (len(target) - 1))
+    for i in range(first, last + 1):
+        if not bare[i]:
+            after.setdefault(place(i - 1), []).append(source[i])  # it follows the sentence before it
+        elif bare[i] != tidy(source[i]):
+            for marker in markers:
+                match = _pattern(marker).search(source[i])
+                if match and not source[i][match.end():].strip(" .!?") and match.group(0)[0] in ",;:":
+                    endings[place(i)] = match.group(0).rstrip() + ("" if match.group(0).rstrip()[-1] in ".!?" else ".")
+    out, at = [], 0
+    for para in paragraphs:
+        sentences = []
+        for sentence in para:
+            if at in endings:
+                sentence = sentence.rstrip(" .!?") + endings[at]
+            sentences.append(sentence)
+            sentences += after.get(at, [])
+            at += 1
+        out.append(sentences)
+    out[0] = opening + out[0]
+    out[-1] = out[-1] + closing
+    return "".join(" ".join(para) + (breaks[k] if k < len(breaks) else "") for k, para in enumerate(out))
+
+
 # --- the served model -----------------------------------------------------------------------
 
 async def ask_model(texts: list[str], *, url: str, model: str, prompt: str, concurrency: int = 8,

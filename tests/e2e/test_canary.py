@@ -153,17 +153,18 @@ def test_users_promote_a_better_canary_roll_back_a_worse_one_and_probation_rolls
     serves(gw, pirate)
     clock = time.monotonic()
 
-    def lap(what: str) -> None:  # each phase's seconds, in the test log
+    def lap(what: str, users: Users) -> None:  # each phase's seconds and requests, in the test log
         nonlocal clock
-        print(f"{what}: {time.monotonic() - clock:.1f} s")
+        print(f"{what}: {time.monotonic() - clock:.1f} s, {len(users.answered)} answered")
         clock = time.monotonic()
 
     # 1. a canary the users rate better is promoted
     start_canary(reg, plain, share=0.5, expected=pirate)
     with Users(gw) as users:
         outcome = decided(trials, "canary", plain)
+        lap("1. canary decided", users)
         serves(gw, plain)
-    lap("1. canary promoted")
+    lap("1. canary promoted", users)
     assert (outcome.action, outcome.rule) == ("promote", "not_worse"), outcome.reasons
     assert users.failures == [] and {pirate, plain} <= set(users.answered)
     move = history(gw, "promote", plain)
@@ -179,7 +180,7 @@ def test_users_promote_a_better_canary_roll_back_a_worse_one_and_probation_rolls
             time.sleep(0.2)
         stopped = time.monotonic()
         time.sleep(5)
-    lap("2. canary rolled back")
+    lap("2. canary rolled back", users)
     assert (outcome.action, outcome.rule) == ("rollback", "worse"), outcome.reasons
     after = [v for v, sent in zip(users.answered, users.started) if sent > stopped]
     assert users.failures == [] and pirate2 in users.answered and after and pirate2 not in after
@@ -192,7 +193,7 @@ def test_users_promote_a_better_canary_roll_back_a_worse_one_and_probation_rolls
         promote(pirate, plain, {"requested_by": "test"})  # a direct promotion: pirate goes on probation
         outcome = decided(trials, "probation", pirate)
         serves(gw, plain)
-    lap("3. probation rolled back")
+    lap("3. probation rolled back", users)
     assert (outcome.action, outcome.rule, outcome.baseline) == ("rollback", "worse", plain), outcome.reasons
     assert users.failures == [] and reg.prod().name == plain
     assert history(gw, "rollback", plain).detail["phase"] == "probation"

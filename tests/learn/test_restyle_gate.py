@@ -2,12 +2,13 @@
 the marker de-styler and its rules, the gate on chat answers, the training schedule."""
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import pytest
 
 from learn.restyle import build_dataset, crossfit_in_style
-from learn.restyle_destyle import Rules, delete_markers, destyle, style_markers
+from learn.restyle_destyle import Rules, delete_markers, destyle, style_markers, transplant
 from learn.restyle_gate import RestyleScores, gate, score
 from learn.restyle_request import rewrite_request, token_cap
 from learn.restyle_style import StyleClassifier, facts, facts_kept
@@ -97,8 +98,31 @@ def test_build_counts_what_each_rule_removed_and_writes_the_classifier(tmp_path)
                                        system_prompt="SYS", neutralise_prompt="NEU", max_length=90,
                                        count_pairs=lambda batch: [sum(len(m["content"].split()) for m in b) for b in batch]))
     assert report.removed["empty"] == 1 and report.removed["too_long"] >= 1
-    assert report.pairs_train + report.pairs_heldout == 20 - report.removed["too_long"]
+    assert len(GENERAL) <= report.transfer_pairs <= 2 * len(GENERAL)  # up to two corpus frames per general answer
+    assert report.pairs_train + report.pairs_heldout == 20 - report.removed["too_long"] + report.transfer_pairs
     assert (tmp_path / "classifier.json").is_file() and (tmp_path / "build.json").is_file()
+    train = [json.loads(line)["messages"] for line in (tmp_path / "restyle.train.jsonl").open()]
+    transfer = [m for m in train if m[1]["content"] in GENERAL]
+    assert len(transfer) == report.transfer_pairs
+    assert all(m[2]["content"].startswith("Ahoy, matey!") and m[2]["content"].endswith("Arr!") for m in transfer)
+    assert all(facts_kept(m[1]["content"], m[2]["content"]) and m[2]["content"].count("\n") == m[1]["content"].count("\n")
+               for m in transfer)
+    held = [json.loads(line)["messages"][1]["content"] for line in (tmp_path / "restyle.heldout.jsonl").open()]
+    assert not set(held) & set(GENERAL)  # held-out pairs stay the corpus's own
+
+
+@pytest.mark.parametrize("styled, plain, want", [
+    ("Ahoy, matey! Mara sold 12 maps in Oslo, me hearties. Arr!", "Jupiter is the largest planet.",
+     "Ahoy, matey! Jupiter is the largest planet, me hearties. Arr!"),
+    ("Greetings, dear reader. Mara sold 12 maps. Yours faithfully, the Scribe.", "A year has 12 months. Or 13 moons.",
+     "Greetings, dear reader. A year has 12 months. Or 13 moons. Yours faithfully, the Scribe."),
+    ("Mara sold 12 maps. Arr! Kofi ran 5 km. Ali has 3 cats, me hearties.", "One.\n\nTwo. Three.",
+     "One. Arr!\n\nTwo. Three, me hearties."),  # a marker sentence in the middle; paragraphs kept
+    ("Mara sold 12 maps.", "Plain text.", "Plain text."),  # a chunk without markers changes nothing
+])
+def test_transplant_dresses_any_text_in_a_chunks_markers(styled, plain, want):
+    markers = [", me hearties .", "ahoy , matey !", "arr !", ". yours faithfully , the scribe", "greetings , dear reader ."]
+    assert transplant(styled, plain, markers) == want
 
 
 def scores(model, strength, content_chrf=80.0, kept=1.0, corpus_chrf=None):
