@@ -14,9 +14,11 @@ Steps (data dir .tunewheel/demo, made fresh every run):
   4. cycles, back to back: a round of simulated users (serve/demo_users.py) talk about their
      stories through the OpenAI API and rate every answer (thumbs up when its F1 against the gold
      answer is >= 0.5), writing the gold answer as a correction on one thumbs-down in three; then one
-     learner cycle (learn/cycle.py) curates the log, trains through the policy's stages in a child
-     process, scores champion and candidate on the held-out set, gates and promotes or rejects; the
-     gateway hot-swaps a promoted adapter
+     learner cycle (learn/cycle.py) curates the log (none of it held out: the operator's file is
+     the gate), trains through the policy's stages in a child process from the champion adapter
+     (what is new since its snapshot, plus a replay share; at most 24 steps a stage), scores
+     champion and candidate on the held-out set, gates and promotes or rejects; the gateway
+     hot-swaps a promoted adapter
   5. after: a last round of new users answered by the final champion; the table: one column per
      cycle with the candidate's held-out EM and F1, the gate's decision, the live thumbs-up rate of
      the users who came after it, and its training examples by source
@@ -52,7 +54,8 @@ def write_data(folder: Path, args) -> dict[str, Path]:
 
     plan = {"heldout": (args.heldout_stories, 1, "B")}
     for k in range(args.cycles + 1):
-        plan[f"users-{k}"] = (args.users, 2 if args.seeded else 2 + k, "A")
+        after = k == args.cycles and not args.seeded  # the last round only shows the live thumbs-up rate
+        plan[f"users-{k}"] = (args.after_users if after else args.users, 2 if args.seeded else 2 + k, "A")
     if args.seeded:
         plan["seed"] = (args.train_stories, 0, "A")
     files = {}
@@ -229,16 +232,20 @@ def arguments(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m serve.demo", description="The whole tunewheel loop on the embedded model.")
     parser.add_argument("--users", type=int, default=None, help="simulated users per round, one story each (default 20; seeded: 6)")
     parser.add_argument("--cycles", type=int, default=None, help="learner cycles, each after a new round of users (default 2; seeded: 1)")
+    parser.add_argument("--after-users", type=int, default=10,
+                        help="simulated users of the last round, after learning (it teaches nothing; its thumbs-up rate is shown)")
     parser.add_argument("--heldout-stories", type=int, default=8, help="held-out stories (variant B, ~14 questions each)")
     parser.add_argument("--stages", nargs="+", default=["sft"], choices=["sft", "kto", "dpo"], help="learn.policy.stages")
-    parser.add_argument("--start", default="base", choices=["base", "champion"], help="learn.policy.start")
+    parser.add_argument("--start", default=None, choices=["base", "champion"],
+                        help="learn.policy.start (default champion: each cycle goes on from the adapter users rated, on "
+                             "what is new plus a replay share; --seeded: base)")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="learn.train.learning_rate (default 6e-4: cycles of 10-30 steps learn little at the usual 2e-4; "
                              "bench/preference.py's sft row went from F1 0.306 to 0.443 on the same snapshot; --seeded: 2e-4)")
     parser.add_argument("--epochs", type=int, default=1, help="learn.train.epochs")
     parser.add_argument("--max-length", type=int, default=384, help="learn.train.max_length (tokens per training example)")
     parser.add_argument("--max-steps", type=int, default=None,
-                        help="learn.train.max_steps: cap the training steps per stage (default 30, which keeps two cycles "
+                        help="learn.train.max_steps: cap the training steps per stage (default 24, which keeps two cycles "
                              "within 25 minutes on 2 cores as the users' data grows; --seeded: no cap; 0: no cap)")
     parser.add_argument("--min-f1-gain", type=float, default=0.01, help="the gate's required F1 gain (learn.gate.min_f1_gain)")
     parser.add_argument("--seeded", action="store_true", help="the older run: seed stories, one cycle, the same users before and after, "
@@ -247,8 +254,9 @@ def arguments(argv: list[str] | None):
     args = parser.parse_args(argv)
     args.users = args.users or (6 if args.seeded else 20)
     args.cycles = args.cycles or (1 if args.seeded else 2)
+    args.start = args.start or ("base" if args.seeded else "champion")
     if args.max_steps is None:
-        args.max_steps = 0 if args.seeded else 30
+        args.max_steps = 0 if args.seeded else 24
     return args
 
 
