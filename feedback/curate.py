@@ -25,9 +25,8 @@ Steps, each counted in `CurationCounts`:
   scrub    PII placeholders (feedback/pii.py), each distinct text of a conversation once
   filters  empty answers, invalid format, exact and normalized duplicates (SFT); invalid rows
            and exact duplicates (preference rows); too many tokens (base model's tokenizer, batched)
-  shorten  a row over the token limit loses its oldest exchanges (user message, answer), system
-           messages and the last turn kept, until it fits (`shortened`); only a row that does not
-           fit even then is removed as too_long
+  shorten  a row over the token limit loses its oldest exchanges (feedback/shorten.py) until it
+           fits (`shortened`); only a row that does not fit even then is removed as too_long
 At the end `sinks.source` hears every conversation and key (as digests) that a written row came
 from: the snapshot keeps them so that `data forget` finds the snapshots that held its target.
 """
@@ -42,7 +41,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from feedback.check import TokenCounter, token_sequences, validate_messages, validate_prompt, validate_row, within_limit
+from feedback.check import TokenCounter, token_sequences, validate_messages, validate_prompt, validate_row
+from feedback.shorten import fitting
 from feedback.conversations import text_of
 from feedback.dedup import DiskSet, Memo, Origin, PairIndex, exact_key, normalize_text, row_key
 from feedback.heldout import Split, correction_of, get, gold_answer, heldout_item, item_messages, target_answer
@@ -326,6 +326,9 @@ class _Run:
         if item is not None:
             yield ("item", True, origins), item
 
+    def shortened(self, key: tuple) -> None:
+        self.counts.shortened[key[0]] += 1
+
     def too_long(self, key: tuple, _tokens: int) -> None:
         kind = key[0]
         target = {"sft": self.counts.removed, "kto": self.counts.removed_preferences, "dpo": self.counts.removed_pairs}.get(kind)
@@ -364,48 +367,6 @@ class _Run:
                 yield ("dpo", False, origins), row
 
 
-def drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
-    """`messages` without its oldest exchange (the first user message after the system messages
-    and everything up to the next user message), or None when only the last user turn is left."""
-    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
-    if len(users) < 2:
-        return None
-    return messages[:users[0]] + messages[users[1]:]
-
-
-def shorter(row: dict) -> dict | None:
-    """The row with its prompt's oldest exchange dropped (an SFT example keeps its target last),
-    or None when nothing is left to drop. Held-out items are never cut."""
-    field_name = "messages" if "messages" in row else "prompt" if "prompt" in row else None
-    if field_name is None:
-        return None
-    cut = drop_oldest_exchange(row[field_name])
-    return None if cut is None else {**row, field_name: cut}
-
-
-def _fitting(keyed: Iterable[tuple[tuple, dict]], run: _Run, config: CurationConfig,
-             count_tokens: TokenCounter | None) -> Iterator[tuple[tuple, dict]]:
-    """The rows within the token limit; a row over it is cut to its last turns until it fits
-    (counted in `shortened`), and counted as too_long only when it cannot be."""
-    pending: Iterable = (((key, False, row), row) for key, row in keyed)  # (key, cut yet, row), row
-    while pending:
-        retry: list = []
-
-        def over(tagged: tuple, n: int) -> None:
-            key, _, row = tagged
-            cut = shorter(row) if key[0] != "item" else None
-            if cut is None:
-                run.too_long(key, n)
-            else:
-                retry.append(((key, True, cut), cut))
-        for (key, was_cut, _), row, _ in within_limit(pending, max_tokens=config.max_tokens, count_tokens=count_tokens,
-                                                      on_too_long=over, batch=config.token_batch, sequences=_sequences):
-            if was_cut:
-                run.counts.shortened[key[0]] += 1
-            yield key, row
-        pending = retry
-
-
 def curate(rows: Iterable[Any], *, config: CurationConfig, count_tokens: TokenCounter | None, sinks: Sinks) -> CurationCounts:
     """Stream turns (ordered by conversation_id, seq) through every curation step into `sinks`."""
     counts = CurationCounts()
@@ -413,10 +374,13 @@ def curate(rows: Iterable[Any], *, config: CurationConfig, count_tokens: TokenCo
     db.execute("PRAGMA journal_mode=OFF")
     try:
         run = _Run(db, config, counts, sinks)
-        # The token limit of the validator (feedback/check.py), so curated data passes `data check`.
-        for key, row in _fitting(run(rows), run, config, count_tokens):
+        # The token limit of the validator (feedback/check.py), so curated data passes `data check`;
+        # a row over it is cut to its last turns first (feedback/shorten.py), held-out items never.
+        limit = dict(max_tokens=config.max_tokens, count_tokens=count_tokens, batch=config.token_batch, sequences=_sequences,
+                     on_too_long=run.too_long, on_shortened=run.shortened, keep_whole=lambda key: key[0] == "item")
+        for key, row in fitting(run(rows), **limit):
             run.emit(key, row)
-        for key, row in _fitting(run.pair_rows(), run, config, count_tokens):
+        for key, row in fitting(run.pair_rows(), **limit):
             run.emit(key, row)
         for entry in run.sources:
             kind, _, digest = entry.partition(":")
