@@ -37,9 +37,10 @@ demo: install
 	$(VENV)/bin/tunewheel model prepare
 	$(PY) -m serve.demo
 
-# Unit tests first (seconds), then the real engine, Postgres and training tests.
+# Unit tests first (on every core: pytest-xdist), then the real engine, Postgres and training
+# tests (one process: they share one engine).
 test: install
-	$(PY) -m pytest -q -m "not engine and not slow" tests
+	$(PY) -m pytest -q -n auto -m "not engine and not slow" tests
 	$(PY) -m pytest -q -m "(engine or slow) and not acceptance" tests
 
 # Acceptance checks of open issues that do not pass yet (the restyler's style strength, issue 12).
@@ -47,7 +48,7 @@ acceptance: install
 	$(PY) -m pytest -q -m acceptance tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not engine and not slow" tests
+	$(PY) -m pytest -q -n auto -m "not engine and not slow" tests
 
 bench: install
 	$(VENV)/bin/tunewheel model prepare
