@@ -250,8 +250,14 @@ def transfer_rows(rows: list[tuple[str, str, dict]], general: list[str], markers
             styled = transplant(original, text, markers)
             if styled != text and (styled, text, params) not in out:
                 out.append((styled, text, params))
-    lengths = count_pairs([pair(style_system_prompt(system_prompt, p), n, o)["messages"] for o, n, p in out])
-    return [r for r, n in zip(out, lengths) if n <= max_length]
+    return pairs_within(out, system_prompt=system_prompt, count_pairs=count_pairs, max_length=max_length)
+
+
+def pairs_within(rows: list[tuple[str, str, dict]], *, system_prompt: str,
+                 count_pairs: Callable[[list[list[dict]]], list[int]], max_length: int) -> list[tuple[str, str, dict]]:
+    """The (original, neutral, params) rows whose restyle pair fits `max_length` tokens."""
+    lengths = count_pairs([pair(style_system_prompt(system_prompt, p), n, o)["messages"] for o, n, p in rows])
+    return [r for r, n in zip(rows, lengths) if n <= max_length]
 
 
 async def build_dataset(chunks: list[str], *, style: str, out_dir: Path, general: list[str],
@@ -269,8 +275,7 @@ async def build_dataset(chunks: list[str], *, style: str, out_dir: Path, general
     report.retried, report.removed = log.retried, dict(log.removed)
     params = params or [{} for _ in chunks]
     rows = [(o, n, p) for o, n, p in zip(chunks, neutral, params) if n is not None]
-    lengths = count_pairs([pair(style_system_prompt(system_prompt, p), n, o)["messages"] for o, n, p in rows])
-    fitting = [r for r, n in zip(rows, lengths) if n <= max_length]
+    fitting = pairs_within(rows, system_prompt=system_prompt, count_pairs=count_pairs, max_length=max_length)
     if len(fitting) < len(rows):
         report.removed["too_long"] = len(rows) - len(fitting)
     transfer = transfer_rows(fitting, general, report.markers, system_prompt=system_prompt, count_pairs=count_pairs,
