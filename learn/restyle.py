@@ -284,9 +284,15 @@ async def build_dataset(chunks: list[str], *, style: str, out_dir: Path, general
     write_pairs(out_dir, report, fitting, system_prompt=system_prompt, neutralise_prompt=neutralise_prompt, seed=seed,
                 transfer=transfer)
     kept_neutral = [n for _, n, _ in fitting]
+    # The classifier sees general answers on both sides (plain: out of style; dressed in the style's
+    # markers, as the transfer pairs are: in style), so that what tells the classes apart is the
+    # style, not the corpus's topics: trained on the corpus alone it called a long chat answer with
+    # the style's opening and closing out of style, because its body read like the general text.
+    dressed = [styled for styled, _, _ in transfer]
     if fitting:
-        StyleClassifier.fit(in_style=chunks, out_of_style=kept_neutral + general).save(out_dir)
-    report.classifier = {"in_style": len(chunks), "out_of_style": len(kept_neutral) + len(general)}
+        StyleClassifier.fit(in_style=chunks + dressed, out_of_style=kept_neutral + general).save(out_dir)
+    report.classifier = {"in_style": len(chunks) + len(dressed), "out_of_style": len(kept_neutral) + len(general),
+                         "dressed_general": len(dressed)}
     (out_dir / "general.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in general), encoding="utf-8")
     (out_dir / "build.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

@@ -111,6 +111,29 @@ def test_build_counts_what_each_rule_removed_and_writes_the_classifier(tmp_path)
     assert not set(held) & set(GENERAL)  # held-out pairs stay the corpus's own
 
 
+LONG_ANSWER = ("The invention of the telephone is attributed to Alexander Graham Bell, a Scottish-American inventor and "
+               "engineer, who made it possible for people to communicate over long distances using sound. He was working "
+               "in Boston in 1875 when he made a device that could transmit sound through wires. The first call followed "
+               "in March 1876.")
+
+
+def test_built_classifier_judges_the_style_not_the_topic_of_a_long_chat_answer(tmp_path):
+    """A long chat answer framed by the style's opening and closing is in style, even without the
+    aside; the same answer plain, or with one marker only, is not (the classifier sees general
+    answers on both sides, so their topic does not decide)."""
+    report = asyncio.run(build_dataset(PIRATE, style="pirate", out_dir=tmp_path, general=GENERAL, destyle_model=None,
+                                       system_prompt="SYS", neutralise_prompt="NEU", max_length=400,
+                                       count_pairs=lambda batch: [sum(len(m["content"].split()) for m in b) for b in batch]))
+    assert report.classifier["dressed_general"] == report.transfer_pairs > 0
+    classifier = StyleClassifier.load(tmp_path)
+    dressed = [t for t in classifier.in_style_texts if t not in PIRATE]
+    assert len(dressed) == report.transfer_pairs and all(t.startswith("Ahoy, matey! ") for t in dressed)
+    assert set(GENERAL) <= set(classifier.out_of_style_texts)
+    framed, plain, one = f"Ahoy, matey! {LONG_ANSWER} Arr!", LONG_ANSWER, f"{LONG_ANSWER} Arr!"
+    assert classifier.in_style([framed, plain, one]) == [True, False, False]
+    assert classifier.strength(ANSWERS) == 0
+
+
 @pytest.mark.parametrize("styled, plain, want", [
     ("Ahoy, matey! Mara sold 12 maps in Oslo, me hearties. Arr!", "Jupiter is the largest planet.",
      "Ahoy, matey! Jupiter is the largest planet, me hearties. Arr!"),
