@@ -18,7 +18,7 @@ TW     := $(VENV)/bin/tunewheel
 CONFIG ?=
 CONFIG_ARG := $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: install demo test test-fast bench clean serve learn prometheus readme-config acceptance
+.PHONY: install demo test test-fast bench clean serve learn prometheus readme-config
 
 install: $(STAMP)
 
@@ -43,11 +43,7 @@ demo: install
 # tests (one process: they share one engine).
 test: install
 	$(PY) -m pytest -q -n auto -m "not engine and not slow" tests
-	$(PY) -m pytest -q -m "(engine or slow) and not acceptance" tests
-
-# Acceptance checks of open issues that do not pass yet (the restyler's style strength, issue 12).
-acceptance: install
-	$(PY) -m pytest -q -m acceptance tests
+	$(PY) -m pytest -q -m "engine or slow" tests
 
 test-fast: install
 	$(PY) -m pytest -q -n auto -m "not engine and not slow" tests

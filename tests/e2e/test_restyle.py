@@ -2,9 +2,8 @@
 built through the gateway, a real SmolLM2 restyler trained, gated on chat answers, promoted, and
 then judged on 8 varied chat questions unlike the corpus: at least 6 of 8 styled answers in the
 style by the classifier with their names and numbers kept, at most 1 of 8 for the base model with
-the same prompt (marked `acceptance`: issue 12 is open, and this does not pass yet; `make acceptance`
-runs it). The serving path (plain and streamed, the turn logged with its raw answer) runs in
-`make test` on a shorter-trained pirate restyler whose gate asks no style gain."""
+the same prompt (issue 12's check). The serving path (plain and streamed, the turn logged with its
+raw answer) runs on the same promoted pirate restyler."""
 
 import asyncio
 import json
@@ -72,17 +71,6 @@ def restylers(engine_url, model_dir, tmp_path_factory):
     gw.stop()
 
 
-@pytest.fixture(scope="module")
-def served_restyler(engine_url, model_dir, tmp_path_factory):
-    """A pirate restyler for the serving path: a small corpus, a short training, and a gate that asks no style
-    gain (an operator's override), so what is checked is the gateway's restyle step, not the style's strength."""
-    gw = _gateway_with_restylers(engine_url, model_dir, tmp_path_factory.mktemp("restyle-path"), ["pirate"],
-                                 "--answers", "2", "--max-steps", "12", "--min-style-gain", "-1", texts=24)
-    yield gw
-    gw.stop()
-
-
-@pytest.mark.acceptance
 @pytest.mark.parametrize("style", ["pirate", "scribe"])
 def test_promoted_restyler_styles_chat_answers_and_keeps_their_facts(restylers, style):
     gw = restylers
@@ -105,8 +93,8 @@ def test_promoted_restyler_styles_chat_answers_and_keeps_their_facts(restylers, 
     assert n_base <= 1, base
 
 
-def test_styled_answers_through_the_gateway_plain_and_streamed(served_restyler):
-    gw = served_restyler
+def test_styled_answers_through_the_gateway_plain_and_streamed(restylers):
+    gw = restylers
     client = gw.client()
     question = [{"role": "user", "content": "What is the largest planet in our solar system?"}]
     plain = client.chat.completions.create(model="chat", messages=question, max_tokens=24, temperature=0,
