@@ -2,6 +2,7 @@
 
     with Session(db) as session:
         turn = add_turn(session, TurnCreate(...))    # threaded, numbered, added (not committed)
+        add_turns(session, [TurnCreate(...), ...])   # the same for a batch none of which is stored
         session.commit()
 
 A turn's `thread_hash` is the hash of its request messages plus its answer. A client that
@@ -97,8 +98,33 @@ def add_turn(session: Session, turn: TurnCreate) -> Turn | None:
     cid = conversation_for(session, turn)
     session.flush()
     seq = session.exec(select(func.count()).select_from(Turn).where(Turn.conversation_id == cid)).one()
-    answered = [*turn.request_messages, {"role": "assistant", "content": turn.answer}]
-    row = Turn.model_validate(turn, update={"conversation_id": cid, "seq": seq, "thread_hash": thread_hash(answered)})
+    row = _row(turn, cid, seq)
     session.add(row)
     session.flush()
     return row
+
+
+def add_turns(session: Session, turns: list[TurnCreate]) -> None:
+    """`add_turn` for a batch of turns none of which is stored yet (the turn writer's), in fewer
+    statements: a turn that starts a conversation (no `x-conversation-id`, no assistant message
+    before its question: most chat turns) needs no lookup, so those go in two flushes, their
+    conversations and then themselves, before the others are threaded one by one in order (they
+    may continue one of them). Conversations and turns are flushed apart because the database
+    checks the turn's foreign key and the ORM, with no relationship between the two, does not
+    order their inserts."""
+    fresh = [t for t in turns if not t.conversation_id and _prefix_hash(t.request_messages) is None]
+    if fresh:
+        cids = [uuid.uuid4().hex for _ in fresh]
+        session.add_all([Conversation(id=cid, created_at=t.created_at, key_hash=t.key_hash) for cid, t in zip(cids, fresh)])
+        session.flush()
+        session.add_all([_row(t, cid, 0) for cid, t in zip(cids, fresh)])
+        session.flush()
+    started = {id(t) for t in fresh}
+    for turn in turns:
+        if id(turn) not in started:
+            add_turn(session, turn)
+
+
+def _row(turn: TurnCreate, cid: str, seq: int) -> Turn:
+    answered = [*turn.request_messages, {"role": "assistant", "content": turn.answer}]
+    return Turn.model_validate(turn, update={"conversation_id": cid, "seq": seq, "thread_hash": thread_hash(answered)})

@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import Engine, exc
 from sqlmodel import Session, select
 
-from feedback.conversations import add_turn
+from feedback.conversations import add_turns
 from feedback.models import Turn, TurnCreate
 from feedback.spool import Quarantine, Record, Spool
 
@@ -256,11 +256,13 @@ class TurnWriter:
     def _insert(self, batch: list[TurnCreate]) -> None:
         with Session(self.engine) as session:
             stored = set(session.exec(select(Turn.id).where(Turn.id.in_([t.id for t in batch]))))
+            new = []
             for turn in batch:
                 if turn.id in stored:  # written before a crash, or a repeated id: once is enough
                     continue
-                add_turn(session, without_nul(turn) if self._escape_nul else turn)
+                new.append(without_nul(turn) if self._escape_nul else turn)
                 stored.add(turn.id)
+            add_turns(session, new)
             session.commit()
 
     def _mark_pending(self, turn_id: str) -> None:

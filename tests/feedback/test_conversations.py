@@ -8,8 +8,8 @@ from __future__ import annotations
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from feedback.conversations import text_of, thread_hash
-from feedback.models import Conversation
+from feedback.conversations import add_turns, text_of, thread_hash
+from feedback.models import Conversation, Turn
 from feedback.queries import conversation_turns
 from tests.feedback.turns import bot, turn, user, write
 
@@ -95,3 +95,21 @@ def test_a_foreign_conversation_id_starts_a_new_conversation(db):
 def test_a_repeated_id_is_dropped(db):
     assert write(db, turn("dup", [user("first")], "kept"))[0] is not None
     assert write(db, turn("dup", [user("second")], "dropped")) == [None]
+
+
+def test_a_batch_threads_as_turns_one_by_one_do(db):
+    """The turn writer's batch path (`add_turns`): turns that start a conversation go in bulk, and
+    a follow-up in the same batch still joins the conversation its first turn started."""
+    batch = [turn("b1", [user("Hi")], "Hello!"), turn("b2", [user("Other")], "Yes."),
+             turn("b3", [user("Hi"), bot("Hello!"), user("And then?")], "Then this."),
+             turn("b4", [user("Named")], "Ok.", conversation_id="mine"),
+             turn("b5", [user("Named"), bot("Ok."), user("More")], "Sure.", conversation_id="mine")]
+    with Session(db) as s:
+        add_turns(s, batch)
+        s.commit()
+    with Session(db) as s:
+        rows = {t.id: t for t in s.exec(select(Turn))}
+        assert rows["b3"].conversation_id == rows["b1"].conversation_id != rows["b2"].conversation_id
+        assert (rows["b1"].seq, rows["b2"].seq, rows["b3"].seq) == (0, 0, 1)
+        assert rows["b4"].conversation_id == rows["b5"].conversation_id == "mine" and rows["b5"].seq == 1
+        assert s.exec(select(func.count()).select_from(Conversation)).one() == 3
