@@ -111,7 +111,7 @@ async def measure(engine_url: str, gateway_url: str, *, concurrencies: list[int]
                   f"p95 {s['p95_latency_ms']:8.1f} ms   ({s['requests']} requests)", flush=True)
         r = out[str(concurrency)]
         print(f"  ratio gateway/direct {r['throughput_ratio']:.3f}   added median {r['added_median_ms']:+.2f} ms   "
-              f"gateway {gateway['requests_per_s']:.0f} req/s", flush=True)
+              f"gateway {gateway['requests_per_s']:.1f} req/s", flush=True)
     return out
 
 
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=4, help="alternating direct/gateway rounds per concurrency")
     parser.add_argument("--batches", type=int, default=2, help="requests per round = concurrency x batches")
-    parser.add_argument("--stub-requests", type=int, default=400, help="requests per concurrency against the stub engine")
+    parser.add_argument("--stub-requests", type=int, default=1600, help="requests per concurrency against the stub engine")
     parser.add_argument("--stub-only", action="store_true", help="only the stub engine: the gateway's own cost")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child-gateway", nargs=3, metavar=("ENGINE_URL", "PORT", "DATA_DIR"), help=argparse.SUPPRESS)
@@ -203,7 +203,7 @@ def main() -> None:
     if args.stub_requests or args.stub_only:
         port = free_port()
         stub = start_child(["--child-stub", str(port)], f"http://127.0.0.1:{port}/health")
-        requests = args.stub_requests or 400
+        requests = args.stub_requests or 1600
         try:
             print(f"== stub engine (answers at once): the gateway's own cost, {requests} requests each", flush=True)
             report["stub"] = compare(f"http://127.0.0.1:{port}", concurrencies=args.concurrency, rounds=4,
