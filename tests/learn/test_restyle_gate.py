@@ -42,6 +42,11 @@ ANSWERS = [
 PIRATE = synth_corpus(60, seed=0, style="pirate")
 
 
+def words(batch: list[list[dict]]) -> list[int]:
+    """A stand-in for the trainer's token count of chat examples: their words."""
+    return [sum(len(m["content"].split()) for m in messages) for messages in batch]
+
+
 @pytest.fixture(scope="module")
 def pirate_classifier():
     markers = style_markers(PIRATE, GENERAL)
@@ -96,7 +101,7 @@ def test_build_counts_what_each_rule_removed_and_writes_the_classifier(tmp_path)
 
     report = asyncio.run(build_dataset(chunks, style="pirate", out_dir=tmp_path, general=GENERAL, destyle_model=None,
                                        system_prompt="SYS", neutralise_prompt="NEU", max_length=90,
-                                       count_pairs=lambda batch: [sum(len(m["content"].split()) for m in b) for b in batch]))
+                                       count_pairs=words))
     assert report.removed["empty"] == 1 and report.removed["too_long"] >= 1
     assert len(GENERAL) <= report.transfer_pairs <= 2 * len(GENERAL)  # up to two corpus frames per general answer
     assert report.pairs_train + report.pairs_heldout == 20 - report.removed["too_long"] + report.transfer_pairs
@@ -123,7 +128,7 @@ def test_built_classifier_judges_the_style_not_the_topic_of_a_long_chat_answer(t
     answers on both sides, so their topic does not decide)."""
     report = asyncio.run(build_dataset(PIRATE, style="pirate", out_dir=tmp_path, general=GENERAL, destyle_model=None,
                                        system_prompt="SYS", neutralise_prompt="NEU", max_length=400,
-                                       count_pairs=lambda batch: [sum(len(m["content"].split()) for m in b) for b in batch]))
+                                       count_pairs=words))
     assert report.classifier["dressed_general"] == report.transfer_pairs > 0
     classifier = StyleClassifier.load(tmp_path)
     dressed = [t for t in classifier.in_style_texts if t not in PIRATE]
