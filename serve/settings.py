@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -165,6 +166,11 @@ class ServeSettings(BaseModel):
 
 class EngineSettings(BaseModel):
     url: str | None = Field(None, description="Attach to a running vLLM OpenAI server instead of starting one.")
+    urls: list[str] = Field(default_factory=list, description="Attach to several vLLM replicas of the same model: "
+                            "the gateway balances requests over the ready ones and loads every adapter version on each "
+                            "(serve/pool.py). Use this or `url`, not both.")
+    dns: bool = Field(False, description="Treat each engine URL's host name as a set of replicas (a Kubernetes headless "
+                      "Service): every address it resolves to is a replica, re-resolved every few seconds.")
     model: str = Field(EMBEDDED_MODEL, description="Base model: the embedded SmolLM2, a Hugging Face id, or a local folder.")
     served_name: str = Field("base", description="Name the engine serves the base model under.")
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto: gpu when the CUDA `vllm` package is installed, else cpu.")
@@ -183,6 +189,25 @@ class EngineSettings(BaseModel):
     restart_backoff_s: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0], description="Waits between restarts of a dead engine.")
     nice: int = Field(5, ge=0, le=19, description="Linux nice value of a child engine. Above the gateway's 0, so that on "
                       "shared cores /health, the turn log and the relay keep answering while the engine starts or computes.")
+
+    @model_validator(mode="after")
+    def _one_way_to_attach(self) -> EngineSettings:
+        if self.url is not None and self.urls:
+            raise ValueError("set engine.url (one engine) or engine.urls (several replicas), not both")
+        if self.dns and not self.attached:
+            raise ValueError("engine.dns needs engine.url or engine.urls: the host name to resolve")
+        return self
+
+    @property
+    def attached(self) -> bool:
+        """The gateway attaches to running engines instead of starting its own child."""
+        return self.url is not None or bool(self.urls)
+
+    @property
+    def replica_urls(self) -> list[str]:
+        """The attached engines' root URLs (without /v1), as configured (before any DNS lookup)."""
+        return [re.sub(r"/v1/?$", "", u.rstrip("/")) for u in ([self.url] if self.url else self.urls)]
+
 
 
 class Settings(BaseSettings):
