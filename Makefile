@@ -54,6 +54,7 @@ bench: install
 	$(PY) bench/curation.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/hotswap.py
+	$(PY) bench/replicas.py
 	$(PY) bench/lora_serving.py
 	$(PY) bench/faults.py
 	$(PY) bench/restyle.py

@@ -104,16 +104,18 @@ async def run_serve(settings, *, with_learner: bool = False) -> None:
     # uvicorn installs its own handlers while it serves and re-raises the signal after shutdown;
     # ours must then be the ones in place, or a default SIGTERM would kill us before the engine stops.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    engine = EngineManager(settings)
+    # several replicas (engine.urls, engine.dns) are probed by the gateway's engine pool (serve/pool.py)
+    engine = None if settings.engine.urls or settings.engine.dns else EngineManager(settings)
     supervise = None
     learner = None
     try:
-        if settings.engine.url is None:
+        if not settings.engine.attached:
             from serve.model import prepare_model
 
             await asyncio.to_thread(prepare_model, settings)
-        await engine.start()
-        supervise = asyncio.create_task(engine.supervise())
+        if engine is not None:
+            await engine.start()
+            supervise = asyncio.create_task(engine.supervise())
         writer, registry = await asyncio.to_thread(_build_store, settings)
         app = create_app(settings, engine=engine, writer=writer, registry=registry)
         if with_learner:
@@ -127,7 +129,8 @@ async def run_serve(settings, *, with_learner: bool = False) -> None:
             learner.shutdown(wait=False)
         if supervise is not None:
             supervise.cancel()
-        await engine.stop()
+        if engine is not None:
+            await engine.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -30,7 +30,6 @@ import functools
 import inspect
 import logging
 import os
-import re
 import signal
 import subprocess
 import time
@@ -68,7 +67,7 @@ class EngineManager:
                  poll_interval_s: float = 1.0, max_health_failures: int = 3):
         """`command` replaces the vLLM command line (tests run a fake engine with it)."""
         self.settings = settings
-        self.attached = settings.engine.url is not None
+        self.attached = settings.engine.attached
         self.on_restart: list[Callable[[], Awaitable[None] | None]] = []
         self.ready = False
         self.last_error: str | None = None
@@ -85,7 +84,7 @@ class EngineManager:
     def url(self) -> str:
         """The engine's root URL (without /v1)."""
         if self.attached:
-            return re.sub(r"/v1/?$", "", self.settings.engine.url.rstrip("/"))
+            return self.settings.engine.replica_urls[0]
         return f"http://127.0.0.1:{self.settings.engine.port}"
 
     @property

@@ -51,6 +51,8 @@ PROMPT_TOKENS = Counter("tunewheel_prompt_tokens_total", "Prompt tokens", ["alia
 COMPLETION_TOKENS = Counter("tunewheel_completion_tokens_total", "Completion tokens", ["alias", "version"])
 IN_FLIGHT = Gauge("tunewheel_requests_in_flight", "Chat completion requests in flight", ["alias"], multiprocess_mode="livesum")
 ENGINE_UP = Gauge("tunewheel_engine_up", "1 when the engine answers its health check", multiprocess_mode="max")
+ENGINE_REPLICAS = Gauge("tunewheel_engine_replicas", "Engine replicas behind the gateway (engine.urls) by state: "
+                        "ready, syncing (adapters being loaded after a restart), down", ["state"], multiprocess_mode="max")
 ENGINE_RESTARTS = Counter("tunewheel_engine_restarts_total", "Times the engine child was restarted")
 RESTYLE_LATENCY = Histogram("tunewheel_restyle_latency_seconds", "Latency the restyle step adds to an answer "
                             "(the restyler's rewrite, after the raw answer is whole)", ["style", "status"],

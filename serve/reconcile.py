@@ -1,6 +1,6 @@
 """Hot-swap: make the engine's loaded adapters and the gateway's aliases match the registry.
 
-    reconciler = Reconciler(router, http, engine_url, drain_timeout_s=600, max_lora_rank=16)
+    reconciler = Reconciler(router, http, pool, drain_timeout_s=600)   # pool: serve/pool.py (or one engine's URL)
     await reconciler.start()                  # a first pass now, then one every few seconds
     await reconciler.reconcile()              # one pass now (after a promotion); alias -> version served
 
@@ -54,8 +54,9 @@ import httpx
 from learn import promotion
 from learn.registry import RegistryError
 from learn.replicas import ReplicaLeases
-from serve.adapters import AdapterLoadError, EngineAdapters
+from serve.adapters import AdapterLoadError
 from serve.metrics import ALIAS_FALLBACK
+from serve.pool import EnginePool, Replica
 from serve.routing import Router, Target
 
 log = logging.getLogger("tunewheel.reconcile")
@@ -71,13 +72,17 @@ class Reconciler:
     the engine's LoRA capacity. `leases`: this replica's row in the registry (default: one on
     the router's registry)."""
 
-    def __init__(self, router: Router, http_client: httpx.AsyncClient, engine_url: str, *,
+    def __init__(self, router: Router, http_client: httpx.AsyncClient, engines: EnginePool | str, *,
                  drain_timeout_s: float = 600.0, max_lora_rank: int | None = None, leases: ReplicaLeases | None = None):
         self.router = router
         self.table = router.table  # what the engine serves now, and the leases a swap drains
         self.registry = router.registry
-        self.adapters = EngineAdapters(http_client, engine_url, max_rank=max_lora_rank)
-        self.engine_url = self.adapters.url
+        if isinstance(engines, str):
+            engines = EnginePool.of(engines, http_client, max_rank=max_lora_rank)
+        self.pool = engines  # every load and unload reaches each of its replicas
+        self.pool.on_rejoin = self.rejoin
+        self.engine_url = self.pool.key
+        self._paths: dict[str, str] = {}  # version -> the folder it was loaded from, for replicas that rejoin
         self.base_name = router.base
         self.drain_timeout_s = drain_timeout_s
         if leases is None and self.registry is not None:
@@ -99,7 +104,7 @@ class Reconciler:
     # --- the engine ----------------------------------------------------------------------
     async def models(self) -> dict[str, str | None]:
         """Engine model name -> the path it was loaded from (vLLM's `root`), base model included."""
-        return await self.adapters.models()
+        return await self.pool.models()
 
     async def loaded(self) -> set[str]:
         """Names the engine serves now (the base model and every loaded adapter)."""
@@ -107,12 +112,14 @@ class Reconciler:
 
     async def load(self, version: str, path: str | Path) -> None:
         """Load and warm `version` unless the engine has it already (then it is not ours to unload)."""
-        if await self.adapters.load(version, path):
+        if await self.pool.load(version, path):
             self._owned.add(version)
+        self._paths[version] = str(path)
         self.table.loaded.add(version)
 
     async def unload(self, version: str) -> None:
-        await self.adapters.unload(version)
+        await self.pool.unload(version)
+        self._paths.pop(version, None)
         self._owned.discard(version)
         self._pinned_used.pop(version, None)
         self.table.loaded.discard(version)
@@ -122,6 +129,7 @@ class Reconciler:
         """One convergence pass; returns alias -> version now served. Never raises for a bad adapter."""
         async with self._pass_lock:
             self.table.wake.clear()
+            await self.pool.verify(self._wanted())
             if await self._finish_promotions():
                 self._targets = None
             targets = await self._read_targets()
@@ -144,6 +152,15 @@ class Reconciler:
             await self._heartbeat()
             self._start_unloads(keep=keep)
             return now
+
+    async def rejoin(self, replica: Replica) -> None:
+        """A replica answers again: it gets every version the others serve before it takes requests."""
+        async with self._pass_lock:
+            await self.pool.sync(replica, self._wanted())
+
+    def _wanted(self) -> dict[str, str]:
+        """The versions every replica should hold (loaded and not being unloaded) and their folders."""
+        return {v: self._paths[v] for v in self.table.loaded - self._unloading if v in self._paths}
 
     async def _read_targets(self) -> dict[str, Target]:
         try:
@@ -300,11 +317,7 @@ class Reconciler:
             if await self._leased_elsewhere(version):
                 return  # still in _retiring: a later pass tries again
             self._retiring.discard(version)
-            if version in await self.models():  # another replica may have unloaded it already
-                await self.unload(version)
-            else:
-                self._owned.discard(version)
-                self.table.loaded.discard(version)
+            await self.unload(version)  # from each replica that has it (another gateway may have unloaded it already)
         except Exception:
             log.exception("could not unload %s", version)
         finally:

@@ -49,6 +49,7 @@ from serve.gateway.protocol import APIError
 from serve.gateway.relay import TurnRecorder
 from serve.gateway.restyle import RestyleStep
 from serve.gateway.state import GatewayState
+from serve.pool import EnginePool
 from serve.reconcile import Reconciler
 from serve.routing import Router
 from serve.settings import Settings
@@ -79,13 +80,14 @@ def write_time_scrubber(store: Any) -> Callable[[Any], Any] | None:
 def create_app(settings: Settings, *, engine: Any = None, writer: TurnWriter | None = None, registry: Any = None,
                router: Router | None = None) -> FastAPI:
     """The gateway app. `engine`: an object with `.url` and `.ready` (serve.engine.EngineManager),
-    owned by the caller; None attaches to `settings.engine.url` for the app's lifetime. `writer`:
+    owned by the caller; None attaches to `settings.engine.url`, or to the replicas of `engine.urls`
+    (serve/pool.py), for the app's lifetime. `writer`:
     a started TurnWriter (closed by the app on shutdown); None opens `settings.store_url`.
     `registry`: learn.registry.Registry, which turns on reconciliation and restyling; None serves
     every alias from the base model. `router`: serve.routing.Router on the same registry
     (a test holds it to see or set what is served); None builds it from `[serve.aliases]`."""
-    if engine is None and settings.engine.url is None:
-        raise ValueError("create_app needs engine= (an EngineManager) or settings.engine.url to attach to")
+    if engine is None and not settings.engine.attached:
+        raise ValueError("create_app needs engine= (an EngineManager) or settings.engine.url(s) to attach to")
     router = router or Router(settings.serve.aliases, base=settings.engine.served_name, registry=registry)
 
     @asynccontextmanager
@@ -129,8 +131,6 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
                   router: Router) -> AsyncIterator[GatewayState]:
     """Everything the routes need, started; stopped again in reverse order on exit."""
     async with AsyncExitStack() as stack:
-        if engine is None:
-            engine = await stack.enter_async_context(attached_engine(settings))
         if writer is None:
             writer = await asyncio.to_thread(make_writer, settings)
         # Runs last, after in-flight streams are logged; bounded: what is left waits in the spool.
@@ -138,20 +138,28 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
         http = await stack.enter_async_context(httpx.AsyncClient(
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=256),
             timeout=httpx.Timeout(settings.serve.request_timeout_s, connect=5.0), trust_env=False))
+        if engine is None and (settings.engine.urls or settings.engine.dns):  # replicas, probed by the pool
+            engines = EnginePool.attached(settings, http)
+            await engines.start()
+            stack.push_async_callback(engines.stop)
+        else:
+            if engine is None:
+                engine = await stack.enter_async_context(attached_engine(settings))
+            engines = EnginePool.of(engine, http, max_rank=settings.lora_capacity)
         recorder = TurnRecorder(writer)
         reconciler = restyle = None
         if registry is not None:
-            reconciler = Reconciler(router, http, engine.url, drain_timeout_s=settings.serve.request_timeout_s,
-                                    max_lora_rank=settings.lora_capacity)
+            reconciler = Reconciler(router, http, engines, drain_timeout_s=settings.serve.request_timeout_s)
             await reconciler.start()
             stack.push_async_callback(reconciler.stop)
-            _reload_after_restart(stack, engine, reconciler)
+            if engine is not None:
+                _reload_after_restart(stack, engine, reconciler)
             restyle = RestyleStep(router=router, loader=reconciler, recorder=recorder, http=http,
-                                  engine_url=engine.url, config=settings.restyle)
-        chat = ChatService(http=http, engine=engine, router=router, recorder=recorder, loader=reconciler,
+                                  engines=engines, config=settings.restyle)
+        chat = ChatService(http=http, engine=engines, router=router, recorder=recorder, loader=reconciler,
                            restyle=restyle, timeout_s=settings.serve.request_timeout_s,
                            alias_styles={n: a.style for n, a in settings.serve.aliases.items() if a.style})
-        yield GatewayState(settings=settings, auth=Auth.from_settings(settings), engine=engine, router=router,
+        yield GatewayState(settings=settings, auth=Auth.from_settings(settings), engine=engines, router=router,
                            chat=chat, writer=writer, registry=registry, reconciler=reconciler,
                            store_metrics=metrics.StoreMetrics(writer.engine), limits=Limits(settings.serve.limits))
 

@@ -46,6 +46,7 @@ from serve.gateway.auth import Caller
 from serve.gateway.protocol import APIError, ChatCompletionRequest, engine_payload, not_ready, upstream_error
 from serve.gateway.relay import InFlight, Relay, RelayResponse, TurnRecorder, rejected
 from serve.gateway.restyle import RestyleStep
+from serve.pool import EnginePool, Replica
 from serve.routing import BASE_NAME, PINNED_PREFIX, NotServed, Route, Router, UnknownModel, conversation_key, pinned_version
 
 log = logging.getLogger("tunewheel.gateway")
@@ -62,6 +63,7 @@ class ChatService:
                  timeout_s: float = 600.0):
         self.http = http
         self.engine = engine
+        self.engines = engine if isinstance(engine, EnginePool) else EnginePool.of(engine, http)
         self.router = router
         self.recorder = recorder
         self.loader = loader
@@ -85,7 +87,7 @@ class ChatService:
         try:
             if route.load is not None and self.loader is not None:
                 await self._load_pinned(route)
-            if not self.engine.ready:
+            if not self.engines.ready:
                 raise not_ready()
             restyler = await self._restyler(style) if style is not None else None
         except APIError as exc:
@@ -94,13 +96,23 @@ class ChatService:
         flight = self.recorder.begin(route, body, stream=request.stream, key_hash=caller.key_hash,
                                      conversation_id=conversation_id, style=style, started=started)
         payload = engine_payload(body, route.version, whole=restyler is not None)
+        affinity = None
+        if len(self.engines.replicas) > 1:  # a conversation's turns go to the replica that has its prefix cached
+            affinity = conversation_key(body.get("messages") or [], conversation_id=conversation_id, key_hash=caller.key_hash)
         if payload.get("stream"):
-            response = await self._send(payload, flight)
+            response, replica = await self._send(payload, flight, affinity)
             relay = Relay(self.recorder, response, flight, forward_usage=request.wants_usage)
-            return RelayResponse(relay.events(), on_close=relay.close, media_type="text/event-stream",
+
+            async def close() -> None:
+                try:
+                    await relay.close()
+                finally:
+                    replica.end()
+
+            return RelayResponse(relay.events(), on_close=close, media_type="text/event-stream",
                                  headers={"x-tunewheel-adapter": route.version, "cache-control": "no-cache",
                                           "x-accel-buffering": "no"})
-        data = await unless_client_leaves(self._whole(payload, flight), disconnected)
+        data = await unless_client_leaves(self._whole(payload, flight, affinity), disconnected)
         if restyler is not None:
             response = await self.restyle.answer(flight, data, restyler=restyler, params=request.style_params,
                                                  stream=request.stream)
@@ -158,33 +170,66 @@ class ChatService:
                            type="not_found_error", code="style_not_found", param="style")
         return await self.restyle.version_for(style)
 
-    async def _send(self, payload: dict[str, Any], flight: InFlight) -> httpx.Response:
-        """The engine's 200 response (a stream when asked); anything else refuses the request."""
-        request = self.http.build_request("POST", f"{self.engine.url}/v1/chat/completions", json=payload,
-                                          timeout=self.timeout)
+    async def _send(self, payload: dict[str, Any], flight: InFlight, affinity: str | None = None) -> tuple[httpx.Response, Replica]:
+        """The engine's 200 response (a stream when asked) and the replica it came from, which counts
+        it in flight until the caller calls `replica.end()`; anything else refuses the request. A replica
+        that refuses the connection, or has lost the version (it restarted), leaves rotation and the
+        request goes to another one: nothing was generated yet."""
+        tried: list[Replica] = []
         try:
-            try:
-                response = await self.http.send(request, stream=bool(payload.get("stream")))
-            except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # refused, reset: it died or restarts
-                raise not_ready(f"the engine is unreachable ({type(exc).__name__})") from exc
-            except httpx.TimeoutException as exc:
-                raise APIError(504, "the engine did not answer in time (serve.request_timeout_s)", type="timeout",
-                               code="engine_timeout") from exc
-            if response.status_code != 200:
+            while True:
+                replica = self.engines.pick(affinity, exclude=tried)
+                if replica is None:
+                    raise not_ready("no engine replica is ready" if tried else "the engine is not ready yet")
+                tried.append(replica)
+                replica.begin()
                 try:
-                    if response.status_code == 404 and flight.route.version != self.router.base:
-                        self.router.table.lost(flight.route.version)  # the engine lost it: reload, retry
-                        raise not_ready(f"adapter {flight.route.version} is being reloaded into the engine")
-                    raise upstream_error(response.status_code, await response.aread())
-                finally:
-                    await response.aclose()
+                    response = await self._post(replica, payload, flight, last=len(tried) == len(self.engines.replicas))
+                except BaseException:
+                    replica.end()
+                    raise
+                if response is not None:
+                    return response, replica
+                replica.end()
         except BaseException as exc:  # a cancelled request must also give its lease back
             self.recorder.refuse(flight, _client_left(exc))
             raise
-        return response
 
-    async def _whole(self, payload: dict[str, Any], flight: InFlight) -> dict[str, Any]:
-        return await self._read(await self._send(payload, flight), flight)
+    async def _post(self, replica: Replica, payload: dict[str, Any], flight: InFlight, *, last: bool) -> httpx.Response | None:
+        """One try on `replica`: its 200 response, or None when another replica should be tried."""
+        request = self.http.build_request("POST", f"{replica.url}/v1/chat/completions", json=payload, timeout=self.timeout)
+        try:
+            response = await self.http.send(request, stream=bool(payload.get("stream")))
+        except httpx.ConnectError as exc:  # refused: nothing was sent, another replica may answer
+            self.engines.failed(replica, f"{type(exc).__name__}: {exc}")
+            if not last:
+                return None
+            raise not_ready(f"the engine is unreachable ({type(exc).__name__})") from exc
+        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # reset mid-request: it died or restarts
+            self.engines.failed(replica, f"{type(exc).__name__}: {exc}")
+            raise not_ready(f"the engine is unreachable ({type(exc).__name__})") from exc
+        except httpx.TimeoutException as exc:
+            raise APIError(504, "the engine did not answer in time (serve.request_timeout_s)", type="timeout",
+                           code="engine_timeout") from exc
+        if response.status_code == 200:
+            return response
+        try:
+            if response.status_code == 404 and flight.route.version != self.router.base:
+                if not last:  # this replica lost the version (it restarted): sync it, answer from another
+                    self.engines.failed(replica, f"it has lost {flight.route.version}")
+                    return None
+                self.router.table.lost(flight.route.version)  # the engine lost it: reload, retry
+                raise not_ready(f"adapter {flight.route.version} is being reloaded into the engine")
+            raise upstream_error(response.status_code, await response.aread())
+        finally:
+            await response.aclose()
+
+    async def _whole(self, payload: dict[str, Any], flight: InFlight, affinity: str | None = None) -> dict[str, Any]:
+        response, replica = await self._send(payload, flight, affinity)
+        try:
+            return await self._read(response, flight)
+        finally:
+            replica.end()
 
     async def _read(self, response: httpx.Response, flight: InFlight) -> dict[str, Any]:
         """A whole (non-streamed) answer as JSON; 502 when it cannot be read."""

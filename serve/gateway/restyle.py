@@ -3,7 +3,7 @@
     curl -s localhost:8000/v1/chat/completions -d '{"model":"chat","style":"pirate","messages":[...]}'
 
     step = RestyleStep(router=router, loader=reconciler, recorder=recorder, http=client,
-                       engine_url=engine.url, config=settings.restyle)
+                       engines=pool, config=settings.restyle)
     restyler = await step.version_for("pirate")                  # loaded; 404 naming the styles there are
     response = await step.answer(flight, data, restyler=restyler, params=None, stream=False)
 
@@ -57,12 +57,20 @@ class RestyleStep:
     engine; `config.engine_url` puts them on an engine of their own, loaded here."""
 
     def __init__(self, *, router: Router, loader: Any, recorder: TurnRecorder, http: httpx.AsyncClient,
-                 engine_url: str, config: RestyleSettings):
+                 engines: Any, config: RestyleSettings):
+        """`engines`: the chat engine's replicas (serve/pool.py EnginePool), or one engine's URL."""
         self.router, self.loader, self.recorder, self.http, self.config = router, loader, recorder, http, config
-        self.url = (config.engine_url or engine_url).rstrip("/")
+        self.engines = engines
         self.separate_engine = config.engine_url is not None
         self._loaded: set[str] = set()
         self._lock = asyncio.Lock()
+
+    @property
+    def url(self) -> str:
+        """Where a rewrite goes: restyle.engine_url, else the least busy chat engine replica."""
+        if self.separate_engine:
+            return self.config.engine_url.rstrip("/")
+        return self.engines.rstrip("/") if isinstance(self.engines, str) else self.engines.url
 
     async def version_for(self, style: str) -> str:
         """The engine name of the style's promoted restyler, loaded; 404 naming the styles there are."""

@@ -4,7 +4,8 @@
     GET /ready     200 with alias -> version served once the engine answers and every alias's version
                    is loaded in it; 503 with Retry-After before (starting, engine restarted, adapters
                    reloading). An alias that serves a fallback (its target will not load) is ready,
-                   and listed under "fallback" with the version it should serve
+                   and listed under "fallback" with the version it should serve; with several engine
+                   replicas (engine.urls), "replicas" gives each one's state (ready, syncing, down)
     GET /metrics   Prometheus text format: the catalog of serve/metrics.py plus the learner's and
                    registry's figures, read from the store for each scrape; behind a key with the
                    `metrics` scope when serve.metrics_need_key
@@ -39,6 +40,9 @@ async def ready(gateway: GatewayDep) -> dict[str, Any]:
     if waiting:
         raise not_ready("adapters are loading into the engine: " + ", ".join(f"{a} ({v})" for a, v in sorted(waiting.items())))
     body: dict[str, Any] = {"status": "ready", "aliases": table.aliases()}
+    replicas = getattr(gateway.engine, "replicas", {})
+    if len(replicas) > 1 or any(r.manager is None for r in replicas.values()):  # engine.urls: each one's state
+        body["replicas"] = {url: r.state for url, r in replicas.items()}
     if gateway.reconciler is not None and gateway.reconciler.off_target:
         body["fallback"] = {alias: {"target": target, "serving": table.resolve(alias)}
                             for alias, target in gateway.reconciler.off_target.items()}
