@@ -2,8 +2,9 @@
 
     pytest tests/deploy/test_files.py
 
-Compose files and Kubernetes manifests are parsed with pyyaml and checked for the images,
-ports, probes, resources and environment the product needs; the configuration they hand to
+Compose files and the Kubernetes base manifests are parsed with pyyaml and checked for the
+images, ports, probes, resources and environment the product needs (the overlays and the
+replicas options: test_replicas_manifests.py); the configuration they hand to
 tunewheel is loaded through `load_settings`, so a typo in a variable name fails here. The
 Grafana dashboard and the Prometheus rules may only name series that serve/metrics.py
 exports. `promtool` (Debian package `prometheus`, installed by .ci/run) checks the configs
@@ -26,6 +27,7 @@ from serve.settings import load_settings
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILES = [DEPLOY / "docker-compose.yml", DEPLOY / "docker-compose.cpu.yml"]
+K8S_BASE = DEPLOY / "k8s" / "base"
 PROM = DEPLOY / "prometheus"
 RULE_FILES = sorted((PROM / "rules").glob("[!t]*.yml"))  # recording.yml, alerts.yml; tests.yml is promtool's
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tunewheel.json"
@@ -57,7 +59,7 @@ def compose(path: Path) -> dict:
 
 def k8s_docs() -> list[dict]:
     docs = []
-    for f in sorted((DEPLOY / "k8s").glob("*.yaml")):
+    for f in sorted(K8S_BASE.glob("*.yaml")):
         docs += [d for d in yaml.safe_load_all(f.read_text()) if d]
     return docs
 
@@ -154,13 +156,14 @@ def test_compose_refuses_to_start_without_keys():
 # --- Kubernetes -------------------------------------------------------------------------------
 
 def test_kustomization_lists_every_manifest():
-    kust = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
-    files = {f.name for f in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+    kust = yaml.safe_load((K8S_BASE / "kustomization.yaml").read_text())
+    files = {f.name for f in K8S_BASE.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kust["resources"]) == files
 
 
-def test_vllm_deployment_has_a_gpu_and_a_private_service():
-    pod = k8s("Deployment", "vllm")["spec"]["template"]["spec"]
+def test_vllm_statefulset_has_a_gpu_and_a_private_service():
+    sts = k8s("StatefulSet", "vllm")["spec"]
+    pod = sts["template"]["spec"]
     (c,) = pod["containers"]
     assert c["image"].startswith("vllm/vllm-openai:")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -168,8 +171,8 @@ def test_vllm_deployment_has_a_gpu_and_a_private_service():
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in c["env"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"]["path"] == "/health"
-    svc = k8s("Service", "vllm")
-    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["ports"][0]["port"] == 8000
+    # Headless (test_replicas_manifests.py): the gateways' engine.dns look-up balances over its replicas.
+    assert k8s("Service", sts["serviceName"])["spec"]["ports"][0]["port"] == 8000
     policy = k8s("NetworkPolicy", "vllm-private")["spec"]
     assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "vllm"}
 
@@ -191,12 +194,11 @@ def test_gateway_and_learner_deployments():
 
 
 def test_services_select_pods_and_name_their_ports():
-    deployments = {d["metadata"]["name"]: d for d in k8s_docs() if d["kind"] == "Deployment"}
+    workloads = [d for d in k8s_docs() if d["kind"] in ("Deployment", "StatefulSet")]
     for svc in (d for d in k8s_docs() if d["kind"] == "Service"):
         selector = svc["spec"]["selector"]
-        pods = [d for d in deployments.values()
-                if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
-        assert len(pods) == 1, f"Service {svc['metadata']['name']} selects {len(pods)} deployments"
+        pods = [d for d in workloads if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(pods) == 1, f"Service {svc['metadata']['name']} selects {len(pods)} workloads"
         port_names = {p["name"] for c in pods[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
 
@@ -221,6 +223,7 @@ def test_configmap_and_secret_make_valid_settings(tmp_path, monkeypatch):
             monkeypatch.setenv(key, value)
     settings = load_settings(tmp_path / "tunewheel.toml")
     assert settings.engine.url == "http://vllm:8000" and settings.serve.port == 8000
+    assert settings.engine.dns is True  # every ready replica behind the headless Service `vllm`
     assert settings.store_url.startswith("postgresql+psycopg://")
     assert len(settings.serve.api_keys) == 1
     for name in ("tunewheel-gateway", "tunewheel-learner"):
