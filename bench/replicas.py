@@ -1,18 +1,20 @@
 """Engine replicas behind one gateway: throughput with one and with two vLLM replicas, and the time a
 promotion takes to reach every replica.
 
-    python bench/replicas.py                                     # starts two engines (embedded model)
+    python bench/replicas.py                    # starts one engine, then two (embedded model)
     python bench/replicas.py --engine-urls http://127.0.0.1:8101 http://127.0.0.1:8102
 
-Starts (or attaches to) two vLLM engines on the same model, makes two real LoRA adapters (peft,
+Starts (or attaches to) vLLM engines on the same model, makes two real LoRA adapters (peft,
 random weights, no training) and, through a gateway built as `tunewheel serve` builds it with
 `engine.urls`:
 
-1. one replica: the gateway on replica A only, v1 promoted; `--requests` chat completions of
-   `--max-tokens` tokens (`chat`, answered by v1), `--concurrency` in flight: requests/s, tokens/s;
-2. two replicas: the same through a gateway on A and B; the ratio two/one is the figure. On one
-   machine both replicas share its cores, so expect no gain on 2 cores: the figure is there for
-   machines where each replica has cores (or a GPU) of its own;
+1. one replica: the gateway on one engine (started on every core), v1 promoted; `--requests`
+   chat completions of `--max-tokens` tokens (`chat`, answered by v1), `--concurrency` in flight:
+   requests/s, tokens/s;
+2. two replicas: the same through a gateway on two engines (started each on half of the cores);
+   the ratio two/one is the figure. On one machine the two replicas split the same cores, so
+   expect no gain on 2 cores: the figure is there for machines where each replica has cores (or
+   a GPU) of its own;
 3. a promotion under 8 streams through the two-replica gateway: the admin call (it returns once
    every replica has loaded and warmed the version), the time until both replicas list it, the
    first answer by it, and the requests that failed (target 0).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -92,39 +95,49 @@ async def listed_everywhere(urls: list[str], version: str, since: float, timeout
     return None
 
 
-async def bench(urls: list[str], args) -> dict:
+async def bench(setups, args) -> dict:
+    """`setups`: async context managers giving engine URLs, the one-replica setup then the two-replica one."""
     data_dir = Path(tempfile.mkdtemp(prefix="tunewheel-replicas-"))
-    async with httpx.AsyncClient(trust_env=False) as c:
-        base_model = (await c.get(f"{urls[0]}/v1/models")).json()["data"][0]["root"]
-    adapters = [make_random_adapter(base_model, data_dir / "made" / f"v{seed}", seed=seed) for seed in (1, 2)]
     result: dict = {"concurrency": args.concurrency, "max_tokens": args.max_tokens}
-    for n in (1, 2):
-        server, registry, settings = gateway(urls[:n], data_dir / f"gw{n}")
-        try:
-            names = []
-            for folder in adapters:
-                name = registry.new_version_name("chat")
-                registry.register(name, kind="chat", path=folder)
-                names.append(name)
-            async with httpx.AsyncClient(base_url=server.url, headers=HEADERS, timeout=300, trust_env=False) as admin:
-                assert (await admin.post(f"/admin/adapters/{names[0]}/promote")).status_code == 200
-                await throughput(server.url, args.concurrency, args.concurrency, 4)  # warm both replicas
-                result[f"replicas_{n}"] = figures = await throughput(server.url, args.requests, args.concurrency,
-                                                                     args.max_tokens)
-                print(f"{n} replica{'s' if n > 1 else ' '}: {figures['req_per_s']:6.2f} req/s  "
-                      f"{figures['tokens_per_s']:7.1f} tokens/s  ({args.requests} requests, {figures['failed']} failed, "
-                      f"{figures['wall_s']:.1f} s)")
-                if n == 2:
-                    result["promotion"] = await promotion(server.url, admin, urls, names[1])
-        finally:
-            server.stop()
-            async with httpx.AsyncClient(trust_env=False) as c:  # leave attached engines as we found them
-                for u in urls:
-                    for m in (await c.get(f"{u}/v1/models")).json()["data"]:
-                        if str(data_dir) in (m.get("root") or ""):
-                            await c.post(f"{u}/v1/unload_lora_adapter", json={"lora_name": m["id"]})
+    adapters: list[Path] = []
+    for setup in setups:
+        async with setup as urls:
+            if not adapters:
+                async with httpx.AsyncClient(trust_env=False) as c:
+                    base_model = (await c.get(f"{urls[0]}/v1/models")).json()["data"][0]["root"]
+                adapters = [make_random_adapter(base_model, data_dir / "made" / f"v{seed}", seed=seed) for seed in (1, 2)]
+            result.update(await phase(urls, adapters, data_dir / f"gw{len(urls)}", args))
     result["ratio_two_to_one"] = result["replicas_2"]["req_per_s"] / result["replicas_1"]["req_per_s"]
     return result
+
+
+async def phase(urls: list[str], adapters: list[Path], data_dir: Path, args) -> dict:
+    """Throughput through a gateway on `urls` (and, with two, a promotion under load)."""
+    n, out = len(urls), {}
+    server, registry, settings = gateway(urls, data_dir)
+    try:
+        names = []
+        for folder in adapters:
+            name = registry.new_version_name("chat")
+            registry.register(name, kind="chat", path=folder)
+            names.append(name)
+        async with httpx.AsyncClient(base_url=server.url, headers=HEADERS, timeout=300, trust_env=False) as admin:
+            assert (await admin.post(f"/admin/adapters/{names[0]}/promote")).status_code == 200
+            await throughput(server.url, args.concurrency, args.concurrency, 4)  # warm every replica
+            out[f"replicas_{n}"] = figures = await throughput(server.url, args.requests, args.concurrency, args.max_tokens)
+            print(f"{n} replica{'s' if n > 1 else ' '}: {figures['req_per_s']:6.2f} req/s  "
+                  f"{figures['tokens_per_s']:7.1f} tokens/s  ({args.requests} requests, {figures['failed']} failed, "
+                  f"{figures['wall_s']:.1f} s)")
+            if n > 1:
+                out["promotion"] = await promotion(server.url, admin, urls, names[1])
+    finally:
+        server.stop()
+        async with httpx.AsyncClient(trust_env=False) as c:  # leave attached engines as we found them
+            for u in urls:
+                for m in (await c.get(f"{u}/v1/models")).json()["data"]:
+                    if str(data_dir.parent) in (m.get("root") or ""):
+                        await c.post(f"{u}/v1/unload_lora_adapter", json={"lora_name": m["id"]})
+    return out
 
 
 async def promotion(url: str, admin: httpx.AsyncClient, urls: list[str], version: str) -> dict:
@@ -153,21 +166,41 @@ async def promotion(url: str, admin: httpx.AsyncClient, urls: list[str], version
 
 async def main_async(args) -> dict:
     if args.engine_urls:
-        return await bench([u.rstrip("/") for u in args.engine_urls], args)
-    from serve.engine import EngineManager
+        urls = [u.rstrip("/") for u in args.engine_urls]
+        return await bench([attached(urls[:1]), attached(urls)], args)
+    import os
+
     from serve.model import prepare_model
     from serve.settings import load_settings
 
     settings = load_settings(None)
     await asyncio.to_thread(prepare_model, settings)
-    engines = [EngineManager(load_settings(None, data_dir=Path(tempfile.mkdtemp(prefix="tunewheel-engine-")),
-                                           engine={"port": free_port(), "model": str(settings.model_dir)}))
-               for _ in range(2)]
+    cores = sorted(os.sched_getaffinity(0))
+    halves = [cores[: max(1, len(cores) // 2)], cores[len(cores) // 2:] or cores]
+    # one replica on every core, then two on half of them each: the same machine either way
+    return await bench([engines(settings, [cores]), engines(settings, halves)], args)
+
+
+@contextlib.asynccontextmanager
+async def attached(urls: list[str]):
+    yield urls
+
+
+@contextlib.asynccontextmanager
+async def engines(settings, core_sets: list[list[int]]):
+    """Engines on the embedded model, each bound to its own cores; their URLs."""
+    from serve.engine import EngineManager
+    from serve.settings import load_settings
+
+    managers = [EngineManager(load_settings(None, data_dir=Path(tempfile.mkdtemp(prefix="tunewheel-engine-")),
+                                            engine={"port": free_port(), "model": str(settings.model_dir),
+                                                    "cpu_threads_bind": ",".join(map(str, cores))}))
+                for cores in core_sets]
     try:
-        await asyncio.gather(*(e.start() for e in engines))
-        return await bench([e.url for e in engines], args)
+        await asyncio.gather(*(m.start() for m in managers))
+        yield [m.url for m in managers]
     finally:
-        await asyncio.gather(*(e.stop() for e in engines))
+        await asyncio.gather(*(m.stop() for m in managers))
 
 
 def main() -> None:
