@@ -20,6 +20,10 @@ of traffic coming back. torch lets the thread count change between steps.
 The cores it counts: this process's CPU affinity, capped by a cgroup v2 CPU quota (a container
 limited to 2 CPUs on a 64-core host gets 2). Where /proc/stat cannot be read (not Linux), the
 count stays at half.
+
+Data-parallel training (`CoreShare(processes=N)`, learn/train_dist.py) runs N such processes in
+lockstep: each counts the other N - 1 as its own (N times its own CPU time, not an "other"), and
+takes 1/N of what one process would take (at least 1 thread).
 """
 
 from __future__ import annotations
@@ -66,13 +70,14 @@ def machine_busy_s(cpus: set[int] | None = None) -> float | None:
 class CoreShare:
     """The thread count for the next training step; see the module docstring."""
 
-    def __init__(self, fixed: int | None = None, *, cores: int | None = None, every_s: float = 3.0):
+    def __init__(self, fixed: int | None = None, *, cores: int | None = None, every_s: float = 3.0, processes: int = 1):
         self.cores = cores or usable_cores()
         self.floor = max(1, self.cores // 2)
         self.fixed = fixed
         self.every_s = every_s
+        self.processes = processes
         self.steps_at: Counter[int] = Counter()
-        self.current = fixed or self.floor
+        self.current = fixed or self.share(self.floor)
         self._last = self._look()
         self._window_s = 0.5  # the first look (after loading data and model) may come early
 
@@ -85,7 +90,7 @@ class CoreShare:
         (t0, busy0, own0), (t1, busy1, own1) = before, after
         if busy0 is None or busy1 is None or t1 <= t0:
             return None
-        return max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+        return max(0.0, (busy1 - busy0) - self.processes * (own1 - own0)) / (t1 - t0)
 
     def want(self, others: float | None) -> int:
         """Every core the others leave free, never fewer than half of them."""
@@ -93,12 +98,16 @@ class CoreShare:
             return self.floor
         return min(self.cores, max(self.floor, self.cores - math.ceil(others - SLACK)))
 
+    def share(self, threads: int) -> int:
+        """This process's part of a thread count meant for the whole run."""
+        return max(1, threads // self.processes)
+
     def step(self) -> int:
         """The thread count for the step about to run (counted in `steps_at`)."""
         if self.fixed is None:
             now = self._look()
             if now[0] - self._last[0] >= self._window_s:
-                self.current, self._last = self.want(self.others_busy(self._last, now)), now
+                self.current, self._last = self.share(self.want(self.others_busy(self._last, now))), now
                 self._window_s = self.every_s
         self.steps_at[self.current] += 1
         return self.current

@@ -3,11 +3,14 @@
 
     python -m learn.train --base .tunewheel/models/SmolLM2-135M-Instruct --train data.jsonl --out adapters/chat-v0001
     python -m learn.train --base B --train train.jsonl --preferences preferences.jsonl --stages sft kto --out D
+    python -m learn.train --base B --train data.jsonl --out D --processes 2   # data-parallel, through `accelerate launch`
     python -m learn.train --help           # every TrainConfig field is a flag (--rank 8, --max-steps 20, ...)
 
 From code: `train(config, base_model=..., train_file=..., out_dir=..., stages=("sft",))` runs in this
-process; `train_in_child(...)` runs the same recipe in a child process, so a crash or out-of-memory
-kill cannot touch the caller (the serving gateway). `config` is a `TrainConfig`, the `[learn.train]`
+process; `train_in_child(...)` runs the same recipe in a child process (learn/train_child.py), so a
+crash or out-of-memory kill cannot touch the caller (the serving gateway), and with
+`config.processes` > 1 in that many processes (learn/train_dist.py: each step's examples split
+between them, gradients summed, rank 0 writes). `config` is a `TrainConfig`, the `[learn.train]`
 section (learn/train_config.py); the paths and stages are arguments, checked before anything loads.
 
 What it does:
@@ -41,33 +44,22 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from learn.children import child_env, die_with_parent
+from learn.children import die_with_parent
 from learn.cores import CoreShare
-from learn.train_config import TrainConfig, TrainError, check_paths, run_record
+from learn.train_child import train_in_child
+from learn.train_config import TrainConfig, TrainError, TrainResult, check_paths, run_record
 from learn.train_data import length_grouped_batches
+from learn.train_dist import join
 from learn.train_stages import STAGES, StageFiles, check_cut, read_stages
 
 MAX_GRAD_NORM = 1.0
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    """The finished adapter folder."""
-    metrics: dict
-    """train_loss, val_loss (of the last stage), tokens, tokens_per_s, duration_s, steps, epochs, padding_fraction,
-    examples (summed), stages ({stage: its own figures}), skipped_stages ({stage: why})."""
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -118,7 +110,7 @@ def load_model(config: TrainConfig, base_model: str, device: str, start_adapter:
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": torch.device(device).index or 0}  # this process's GPU (cuda:N under the launcher)
     model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
     if config.qlora:
         model = prepare_model_for_kbit_training(model)
@@ -138,15 +130,18 @@ def adapter_state(model) -> dict:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, steps_at: dict[int, int], started: float) -> dict:
-    """The run's figures: totals over the stages, the last stage's losses, and each stage's own."""
+def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, steps_at: dict[int, int], started: float,
+            processes: int = 1) -> dict:
+    """The run's figures: totals over the stages, the last stage's losses, and each stage's own. `threads` is per process;
+    `examples_seen`: the training examples the steps were computed on, over all processes (each by exactly one)."""
     done = list(stage_metrics.values())
     tokens, seconds, cells = (sum(m[k] for m in done) for k in ("tokens", "train_seconds", "padded_cells"))
     examples = {k: sum(m["examples"][k] for m in done) for k in ("train", "val", "dropped")}
     return {"train_loss": done[-1]["train_loss"], "val_loss": done[-1]["val_loss"], "best_epoch": done[-1]["best_epoch"],
             "steps": len(losses), "epochs": sum(m["epochs"] for m in done), "tokens": tokens,
             "scored_tokens": sum(m["scored_tokens"] for m in done), "tokens_per_s": tokens / seconds if seconds else 0.0,
-            "padding_fraction": 1 - tokens / cells if cells else 0.0, "examples": examples,
+            "padding_fraction": 1 - tokens / cells if cells else 0.0, "examples": examples, "processes": processes,
+            "examples_seen": sum(m["examples_seen"] for m in done),
             "stages": stage_metrics, "skipped_stages": skipped, "device": device,
             "threads": max(steps_at, default=0), "steps_at_threads": {str(k): v for k, v in sorted(steps_at.items())},
             "train_seconds": seconds, "duration_s": time.time() - started}
@@ -170,18 +165,24 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
     from learn.report import write_report
 
     started = time.time()
-    # -- setup: data first (a refused file costs no model load), then the model
     device = pick_device(config)
-    cores = CoreShare(config.threads)
-    torch.set_num_threads(cores.current)
-    todo, skipped = read_data(config, base_model, stages, StageFiles(*(Path(f) if f else None for f in files.values())))
-    set_seed(config.seed)
-    model, tokenizer = load_model(config, base_model, device, start_adapter)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tmp = Path(f"{out_dir}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
+    ranks = join(device, config.processes)  # alone, or this process's place in the group `accelerate launch` started
+    device, tmp = ranks.device, Path(f"{out_dir}.tmp-{ranks.owner_pid}")
     try:
-        rng = random.Random(config.seed)
+        # -- setup: data first (a refused file costs no model load), then the model
+        cores = CoreShare(config.threads, processes=ranks.world)
+        torch.set_num_threads(cores.current)
+        todo, skipped = read_data(config, base_model, stages, StageFiles(*(Path(f) if f else None for f in files.values())))
+        set_seed(config.seed)
+        model, tokenizer = load_model(config, base_model, device, start_adapter)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        ranks.broadcast(trainable)
+        if ranks.world > 1:
+            set_seed(config.seed + ranks.rank)  # each process its own dropout masks
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if ranks.main:
+            tmp.mkdir(parents=True)
+        rng = random.Random(config.seed)  # the same batches in every process: each takes its share of each one
         step_losses, epochs_log, stage_metrics = [], [], {}
         fresh = start_adapter is None  # a fresh LoRA is the identity: the reference is the base model itself
         for stage in todo:
@@ -190,17 +191,17 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
             stage.encode(tokenizer)
             check_cut(config, stage.name, stage.train_set, stage.val_set)
             tick = time.perf_counter()
-            stage.prepare(model, from_base=fresh)
+            stage.prepare(model, from_base=fresh, ranks=ranks)
             reference_s, fresh = time.perf_counter() - tick, False
             steps_per_epoch = math.ceil(math.ceil(len(stage.train_set) / config.batch_size) / config.grad_accum)
             total_steps = min(steps_per_epoch * config.epochs, config.max_steps or math.inf)
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=0.0)
+            optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
             scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
                                       num_training_steps=total_steps)
             # -- train
-            first_step, tokens, scored, cells, seconds = len(step_losses), 0, 0, 0, 0.0
+            first_step, tokens, scored, cells, seconds, seen = len(step_losses), 0, 0, 0, 0.0, 0
             best_val, best_epoch, bad_epochs, best, epoch_losses = math.inf, 0, 0, None, []
-            bar = tqdm(total=total_steps, desc=stage.name, unit="step", dynamic_ncols=True)
+            bar = tqdm(total=total_steps, desc=stage.name, unit="step", dynamic_ncols=True, disable=not ranks.main)
             for epoch in range(1, config.epochs + 1):
                 model.train(stage.dropout)  # preference stages train without dropout, as TRL's trainers do
                 batches = length_grouped_batches([stage.length(e) for e in stage.train_set], config.batch_size, rng)
@@ -212,28 +213,33 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
                     tick = time.perf_counter()
                     micro = [[stage.train_set[i] for i in b] for b in batches[g: g + config.grad_accum]]
                     n_units = sum(stage.units(m) for m in micro)  # the step's mean is over all of it, as one large batch
-                    step_loss = 0.0
+                    step_loss, n_tokens, n_cells = 0.0, 0, 0
                     for examples in micro:
-                        loss_sum, n_tokens, n_cells = stage.micro_loss(model, examples)
-                        loss = loss_sum / n_units
+                        mine = ranks.shard(examples)  # alone: all of it
+                        out = stage.micro_loss(model, mine, ranks)
+                        if out is None:  # no share of this micro-batch here
+                            continue
+                        loss = out[0] / n_units
                         loss.backward()
-                        step_loss += loss.item()
-                        tokens, cells = tokens + n_tokens, cells + n_cells
+                        step_loss, n_tokens, n_cells, seen = step_loss + loss.item(), n_tokens + out[1], n_cells + out[2], seen + len(mine)
+                    ranks.sum_grads(trainable)  # every process now holds the whole step's gradient
+                    step_loss, n_tokens, n_cells = ranks.sum([step_loss, n_tokens, n_cells])
                     torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     seconds += time.perf_counter() - tick
-                    scored += n_units
+                    tokens, cells, scored = tokens + int(n_tokens), cells + int(n_cells), scored + n_units
                     step_losses.append(step_loss)
                     epoch_losses.append(step_loss)
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / seconds:.0f}")
                 model.eval()
-                val_loss = stage.validation_loss(model)
+                val_loss = stage.validation_loss(model, ranks)
                 epochs_log.append({"stage": stage.name, "epoch": epoch, "step": len(step_losses), "val_loss": val_loss,
                                    "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1)})
-                bar.write(f"{stage.name} epoch {epoch}: train loss {epochs_log[-1]['train_loss']:.4f}, validation loss {val_loss:.4f}")
+                if ranks.main:
+                    bar.write(f"{stage.name} epoch {epoch}: train loss {epochs_log[-1]['train_loss']:.4f}, validation loss {val_loss:.4f}")
                 if val_loss < best_val:
                     best_val, best_epoch, bad_epochs, best = val_loss, epoch, 0, adapter_state(model)
                 else:
@@ -243,94 +249,31 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
             bar.close()
             if best is not None:  # the next stage, and the saved adapter, start from the best epoch
                 set_peft_model_state_dict(model, best)
+            seen_by = [int(n) for n in ranks.each(seen)]
             stage_metrics[stage.name] = {
                 "train_loss": epochs_log[-1]["train_loss"], "val_loss": best_val, "best_epoch": best_epoch, "steps": len(step_losses) - first_step,
                 "first_step": first_step, "epochs": epoch, "tokens": tokens, "scored_tokens": scored, "padded_cells": cells,
                 "tokens_per_s": tokens / seconds if seconds else 0.0, "train_seconds": seconds, "reference_s": reference_s,
-                "early_stopped": bad_epochs >= config.early_stopping_patience, "examples": stage.describe()}
+                "early_stopped": bad_epochs >= config.early_stopping_patience, "examples": stage.describe(),
+                "examples_seen": sum(seen_by), "examples_seen_per_process": seen_by}
 
-        # -- save
-        model.save_pretrained(tmp)
-        metrics = summary(stage_metrics, skipped, step_losses, device, dict(cores.steps_at), started)
-        record = run_record(config, base_model=base_model, out_dir=out_dir, stages=stages, start_adapter=start_adapter, **files)
-        write_report(tmp, {"config": record, **metrics, "early_stopped": any(m["early_stopped"] for m in stage_metrics.values()),
-                           "train_loss_per_step": step_losses, "epochs_log": epochs_log})
-        try:
-            os.replace(tmp, out_dir)
-        except OSError as e:
-            raise TrainError(f"cannot move the finished adapter to {out_dir}: {e}") from e
+        # -- save (rank 0; the others hold the same weights)
+        metrics = summary(stage_metrics, skipped, step_losses, device, dict(cores.steps_at), started, ranks.world)
+        if ranks.main:
+            model.save_pretrained(tmp)
+            record = run_record(config, base_model=base_model, out_dir=out_dir, stages=stages, start_adapter=start_adapter, **files)
+            write_report(tmp, {"config": record, **metrics, "early_stopped": any(m["early_stopped"] for m in stage_metrics.values()),
+                               "train_loss_per_step": step_losses, "epochs_log": epochs_log})
+            try:
+                os.replace(tmp, out_dir)
+            except OSError as e:
+                raise TrainError(f"cannot move the finished adapter to {out_dir}: {e}") from e
         return TrainResult(out_dir=Path(out_dir), metrics=metrics)
     finally:
-        # -- cleanup: nothing half-written stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- child process
-
-
-def train_in_child(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_file: str | Path | None = None,
-                   val_file: str | Path | None = None, preference_file: str | Path | None = None, pair_file: str | Path | None = None,
-                   stages: tuple[str, ...] | list[str] = ("sft",), start_adapter: str | Path | None = None,
-                   timeout: float | None = None, progress: bool = False) -> TrainResult:
-    """`train(...)` in a child Python process; a crash, kill or timeout is a TrainError with its last output.
-    `timeout`: seconds before the child is killed (the learner passes what is left of learn.cycle_timeout_s).
-    `progress`: also copy the child's output (its progress bar: steps, loss, tokens/s) to this process's stderr.
-    The child gets SIGTERM when this process dies (and then removes its temporary folder)."""
-    check_paths(base_model=str(base_model), out_dir=out_dir, start_adapter=start_adapter, train_file=train_file, val_file=val_file,
-                preference_file=preference_file, pair_file=pair_file)
-    paths = {"--base": base_model, "--train": train_file, "--out": out_dir, "--val": val_file, "--preferences": preference_file,
-             "--pairs": pair_file, "--start-adapter": start_adapter}
-    with tempfile.TemporaryDirectory(prefix="tunewheel-train-") as work:
-        result_path, log_path = Path(work) / "result.json", Path(work) / "train.log"
-        command = [sys.executable, "-m", "learn.train", "--config-json", config.model_dump_json(), "--result-json", str(result_path),
-                   *(str(x) for flag, path in paths.items() if path is not None for x in (flag, path)), "--stages", *stages]
-        # the child imports this checkout of learn/, whatever the caller's working directory; it gets only
-        # the environment a trainer needs (no database URL, no keys) and dies with this process
-        env = child_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                                     os.environ.get("PYTHONPATH")]))})
-        with open(log_path, "wb") as log:
-            child = subprocess.Popen(command, stdout=subprocess.PIPE if progress else log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=functools.partial(die_with_parent, os.getpid()))
-            tee = threading.Thread(target=_tee, args=(child.stdout, log), daemon=True) if progress else None
-            if tee:
-                tee.start()
-            why = None
-            try:
-                child.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                why = f"timed out after {timeout:.0f} s (the rest of learn.cycle_timeout_s)"
-            finally:
-                if child.poll() is None:  # timeout, or the caller was interrupted: never leave the child running
-                    child.kill()
-                    child.wait()
-                if tee:
-                    tee.join(10)  # the log is complete before it is read below
-        shutil.rmtree(f"{out_dir}.tmp-{child.pid}", ignore_errors=True)
-        result = json.loads(result_path.read_text()) if result_path.is_file() else {}
-        if why is None and child.returncode == 0 and "metrics" in result:
-            return TrainResult(out_dir=Path(result["out_dir"]), metrics=result["metrics"])
-        if "error" in result:
-            raise TrainError(result["error"])
-        if why is None:
-            code = child.returncode
-            why = f"exited with status {code}" if code >= 0 else f"was killed by {signal.Signals(-code).name}"
-            if code == -signal.SIGKILL:
-                why += " (out of memory, or killed)"
-        lines = [s for s in log_path.read_text(errors="replace").replace("\r", "\n").splitlines() if s.strip()]
-        raise TrainError(f"training child {why}; nothing was written to {out_dir}. Last output:\n" + "\n".join(lines[-15:]))
-
-
-def _tee(pipe, log) -> None:
-    """Copy the child's output to its log and to stderr, as it comes (a progress bar's \\r updates included)."""
-    for chunk in iter(lambda: os.read(pipe.fileno(), 4096), b""):
-        log.write(chunk)
-        log.flush()
-        try:
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-        except (AttributeError, OSError, ValueError):  # no byte stderr (captured), or closed: the log still has it
-            pass
-    pipe.close()
+        # -- cleanup: nothing half-written stays behind, and every process leaves the group
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        ranks.close()
 
 
 # ---------------------------------------------------------------- command line
@@ -376,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # SIGTERM (the parent died, or a timeout) unwinds like an error, so `train` removes its temporary folder
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    launched, rank = "WORLD_SIZE" in os.environ, int(os.environ.get("RANK", "0"))
+    if launched:  # one of accelerate's processes: SIGTERM when the launcher dies, even by SIGKILL
+        die_with_parent()
     missing = [PATH_FLAGS[n][0][0] for n in ("base_model", "out_dir") if getattr(args, n) is None]
     if args.train_file is None and args.preference_file is None and args.pair_file is None:
         missing.append("--train (or --preferences / --pairs)")
@@ -384,14 +330,22 @@ def main(argv: list[str] | None = None) -> int:
     given = {n: getattr(args, n) for n in TrainConfig.model_fields if getattr(args, n) is not None}
     try:
         config = TrainConfig.model_validate({**json.loads(args.config_json or "{}"), **given})
-        result = train(config, stages=args.stages, **{n: getattr(args, n) for n in PATH_FLAGS})
+        # several processes asked for on a plain command line: start them through accelerate's launcher
+        run = functools.partial(train_in_child, progress=True) if config.processes > 1 and not launched else train
+        result = run(config, stages=args.stages, **{n: getattr(args, n) for n in PATH_FLAGS})
     except (TrainError, ValidationError) as e:
         message = str(e) if isinstance(e, TrainError) else "; ".join(
             ": ".join(filter(None, [".".join(map(str, x["loc"])), x["msg"]])) for x in e.errors())
         if args.result_json:
-            Path(args.result_json).write_text(json.dumps({"error": message}))
+            try:
+                with open(args.result_json, "x" if launched else "w") as f:  # of several processes, the first to fail tells
+                    f.write(json.dumps({"error": message}))
+            except FileExistsError:
+                pass
         print(f"error: {message}", file=sys.stderr)
         return 2
+    if rank != 0:  # rank 0 writes and reports for the run
+        return 0
     if args.result_json:
         Path(args.result_json).write_text(json.dumps({"out_dir": str(result.out_dir), "metrics": result.metrics}))
     m = result.metrics
@@ -406,4 +360,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if "WORLD_SIZE" in os.environ:  # one of accelerate's processes: a crash's traceback goes into torchrun's failure summary
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        sys.exit(record(main)())
     sys.exit(main())

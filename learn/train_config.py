@@ -1,4 +1,5 @@
-"""`TrainConfig`: how one LoRA adapter is trained. It *is* the `[learn.train]` config section.
+"""`TrainConfig`: how one LoRA adapter is trained. It *is* the `[learn.train]` config section. Also the run's
+`TrainError` and `TrainResult`, and the checks of its paths.
 
     [learn.train]                      # in tunewheel.toml; TUNEWHEEL_LEARN__TRAIN__RANK=8 works too
     rank = 16
@@ -17,6 +18,7 @@ of the config: they are arguments of `train(...)` and `train_in_child(...)`, che
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +30,17 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class TrainError(RuntimeError):
     """Training cannot run or did not finish; the message says what to fix."""
+
+
+@dataclass
+class TrainResult:
+    """A finished training run (from `train` or `train_in_child`)."""
+
+    out_dir: Path
+    """The finished adapter folder."""
+    metrics: dict
+    """train_loss, val_loss (of the last stage), tokens, tokens_per_s, duration_s, steps, epochs, padding_fraction,
+    examples (summed), examples_seen, processes, stages ({stage: its own figures}), skipped_stages ({stage: why})."""
 
 
 class TrainConfig(BaseModel):
@@ -78,7 +91,14 @@ class TrainConfig(BaseModel):
     threads: int | None = None
     """torch CPU threads; default adaptive (learn/cores.py): every core nobody else is using, and half the cores
     (at least 1) while others are busy. A CPU inference engine usually runs on the same cores, and OpenMP threads
-    waiting on busy cores made each step 10-20x slower (2 threads, 2 cores); an idle engine uses almost none."""
+    waiting on busy cores made each step 10-20x slower (2 threads, 2 cores); an idle engine uses almost none.
+    With processes > 1: per process (adaptive: each process gets its share of what one process would take)."""
+    processes: int = 1
+    """Data-parallel training processes on this machine. 1: the recipe in one process. N > 1: train_in_child (the
+    learner's way) starts it under `accelerate launch`: on CPU, N processes over gloo sharing the cores; on CUDA,
+    one GPU each over NCCL. Each step's conversations are split between them, so batch_size and grad_accum size
+    the whole step and the steps and examples seen are those of one process (learn/train_dist.py). Each process
+    holds the whole model (no FSDP)."""
 
     @field_validator("train_on_inputs", mode="before")
     @classmethod
@@ -104,6 +124,9 @@ class TrainConfig(BaseModel):
         need(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 or unset, got {self.max_steps}")
         need(self.threads is None or self.threads >= 1, f"threads must be >= 1 or unset, got {self.threads}")
+        need(self.processes >= 1, f"processes must be >= 1, got {self.processes}")
+        need(self.batch_size >= self.processes, f"batch_size ({self.batch_size}) must be >= processes ({self.processes}): "
+             "each process takes a share of every micro-batch")
         need(not (self.qlora and self.device == "cpu"), "qlora needs CUDA (bitsandbytes 4-bit): set qlora=false to train in fp32 on CPU")
         return self
 

@@ -258,9 +258,16 @@ def kto_losses(logps, ref_logps, kl, desirable, *, beta: float, weights: tuple[f
     return torch.where(desirable, chosen, rejected)
 
 
-def kl_estimate(kl_logps, ref_kl_logps):
-    """The KTO reference point z: the mean log-ratio of the mismatched pairs, clamped at 0, no gradient."""
-    return (kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+def kl_estimate(kl_logps, ref_kl_logps, sum_over=None):
+    """The KTO reference point z: the mean log-ratio of the mismatched pairs, clamped at 0, no gradient.
+    `sum_over` (data-parallel runs): sums [total, count] over the processes, so z is the whole micro-batch's, as TRL gathers it."""
+    shift = (kl_logps - ref_kl_logps).detach()
+    if sum_over is None:
+        return shift.mean().clamp(min=0)
+    import torch
+
+    total, count = sum_over([float(shift.sum()), shift.numel()])
+    return torch.tensor(max(total / count, 0.0), dtype=shift.dtype, device=shift.device)
 
 
 def dpo_losses(chosen, rejected, ref_chosen, ref_rejected, *, beta: float):

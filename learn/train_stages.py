@@ -7,6 +7,10 @@
     stage.units(examples)                   # what a step's loss is averaged over
     stage.validation_loss(model)
 
+In a data-parallel run (learn/train_dist.py) each method also takes the run's `ranks`: `micro_loss`
+gets this process's share of a micro-batch (None back for an empty share), and `prepare` and
+`validation_loss` split their batches between the processes and add up the results.
+
 learn/train.py runs them in order on one LoRA: each stage starts where the previous one ended
 (its best epoch). What differs between stages is only here:
 - `sft`: chat examples (train.jsonl); loss per scored token; LoRA dropout on.
@@ -31,6 +35,7 @@ from pathlib import Path
 
 from learn.train_config import TrainConfig, TrainError
 from learn.train_data import IGNORE, collate, encode, read_checked, scored_loss, split_validation
+from learn.train_dist import SOLO, Ranks
 from learn.train_pref import (class_weights, collate_packed, dpo_losses, encode_dpo, encode_kto, kl_estimate, kto_losses,
                               kto_rows, packed_logps, read_preferences)
 
@@ -75,18 +80,20 @@ class Stage:
                 "dropped": len(self.rows) + len(self.val_rows) - len(self.train_set) - len(self.val_set),
                 "sources": dict(self.sources)}
 
-    def prepare(self, model, *, from_base: bool) -> None:
+    def prepare(self, model, *, from_base: bool, ranks: Ranks = SOLO) -> None:
         """Nothing to do before the first step (SFT); the preference stages override it."""
 
-    def validation_loss(self, model) -> float:
-        """Mean loss over the validation set, in this stage's units (no gradients)."""
+    def validation_loss(self, model, ranks: Ranks = SOLO) -> float:
+        """Mean loss over the validation set, in this stage's units (no gradients); each process scores its share
+        of the batches and every process gets the same mean."""
         import torch
 
         total, units = 0.0, 0
         with torch.no_grad():
-            for chunk in self.batches(sorted(self.val_set, key=self.length), self.config.batch_size):
+            for chunk in ranks.shard(list(self.batches(sorted(self.val_set, key=self.length), self.config.batch_size))):
                 total += float(self.micro_loss(model, chunk)[0])
                 units += self.units(chunk)
+        total, units = ranks.sum([total, units])
         return total / max(units, 1)
 
 
@@ -110,7 +117,9 @@ class SFTStage(Stage):
     def units(examples: list) -> int:
         return sum(1 for e in examples for t in e["labels"][1:] if t != IGNORE)
 
-    def micro_loss(self, model, examples: list):
+    def micro_loss(self, model, examples: list, ranks: Ranks = SOLO):
+        if not examples:
+            return None
         batch = collate(examples, self.pad_id, self.device)
         return scored_loss(model, batch), int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
 
@@ -134,17 +143,22 @@ class PreferenceStage(Stage):
         batch = collate_packed([e["packed"] for e in examples], self.pad_id, self.device)
         return (*packed_logps(model, batch), batch)
 
-    def prepare(self, model, *, from_base: bool) -> None:
+    def prepare(self, model, *, from_base: bool, ranks: Ranks = SOLO) -> None:
         import torch
 
         was_training = model.training
         model.eval()
+        size = self.config.batch_size
         with torch.no_grad(), (model.disable_adapter() if from_base else nullcontext()):
             for examples in (self.train_set, self.val_set):
-                for chunk in self.batches(sorted(examples, key=self.length), self.config.batch_size):
-                    first, second, _ = self.logps(model, chunk)
-                    for e, a, b in zip(chunk, first.tolist(), second.tolist()):
-                        e[f"ref_{self.keys[0]}"], e[f"ref_{self.keys[1]}"] = a, b
+                ordered = sorted(examples, key=self.length)
+                refs = [0.0] * (2 * len(ordered))  # (first, second) of each example; each process fills its batches
+                for start in ranks.shard(range(0, len(ordered), size)):
+                    first, second, _ = self.logps(model, ordered[start: start + size])
+                    refs[2 * start: 2 * start + 2 * len(first)] = [x for pair in zip(first.tolist(), second.tolist()) for x in pair]
+                refs = ranks.sum(refs)
+                for k, e in enumerate(ordered):
+                    e[f"ref_{self.keys[0]}"], e[f"ref_{self.keys[1]}"] = refs[2 * k], refs[2 * k + 1]
         model.train(was_training)
 
     def _ref(self, examples: list, key: str):
@@ -163,11 +177,14 @@ class KTOStage(PreferenceStage):
         up = sum(e["label"] for e in self.train_set)
         self.weights = class_weights(up, len(self.train_set) - up)
 
-    def micro_loss(self, model, examples: list):
+    def micro_loss(self, model, examples: list, ranks: Ranks = SOLO):
         import torch
 
+        if not examples:  # no share of this micro-batch here; the KL point is still summed with the other processes
+            ranks.sum([0.0, 0])
+            return None
         logps, kl_logps, batch = self.logps(model, examples)  # the KL answer rides along; its log-probs are detached
-        z = kl_estimate(kl_logps, self._ref(examples, "kl"))
+        z = kl_estimate(kl_logps, self._ref(examples, "kl"), ranks.sum if ranks.world > 1 else None)
         desirable = torch.tensor([e["label"] for e in examples], device=self.device)
         losses = kto_losses(logps, self._ref(examples, "seq"), z, desirable, beta=self.config.beta, weights=self.weights)
         return losses.sum(), batch["tokens"], batch["cells"]
@@ -185,7 +202,9 @@ class DPOStage(PreferenceStage):
         self.train_set = encode_dpo(tokenizer, self.rows, max_length=self.config.max_length)
         self.val_set = encode_dpo(tokenizer, self.val_rows, max_length=self.config.max_length)
 
-    def micro_loss(self, model, examples: list):
+    def micro_loss(self, model, examples: list, ranks: Ranks = SOLO):
+        if not examples:
+            return None
         chosen, rejected, batch = self.logps(model, examples)
         losses = dpo_losses(chosen, rejected, self._ref(examples, "chosen"), self._ref(examples, "rejected"), beta=self.config.beta)
         return losses.sum(), batch["tokens"], batch["cells"]

@@ -1,0 +1,136 @@
+"""Data-parallel training: what the processes of one run share, and how they split each step.
+
+    ranks = join("cpu", processes=2)   # in each process of the run: its rank, the world size, its device
+    ranks.shard(examples)              # this process's share of a micro-batch (or of the validation batches)
+    ranks.sum_grads(params)            # after a step's backward passes: the whole step's gradient, in every process
+    ranks.sum([loss, tokens])          # numbers summed over the processes (unchanged when alone)
+    ranks.close()
+
+With `learn.train.processes = N > 1`, train_in_child starts N processes of the recipe under
+`accelerate launch` (learn/train_child.py); on CPU they talk over gloo, on CUDA each takes one GPU
+and NCCL. `join` puts each process in the group (through accelerate's `PartialState`), and the
+recipe (learn/train.py) calls the collectives below; alone (`SOLO`) each returns its input.
+
+How a step is split. Every process reads the same data and cuts the same length-grouped batches in
+the same seeded order, so an optimizer step is the same `grad_accum` micro-batches of `batch_size`
+conversations as in one process; process r takes every N-th conversation of each micro-batch,
+from the r-th (a micro-batch smaller than N leaves some without a share; they add nothing). Each
+divides its loss by the whole step's units (scored tokens, or rows), and after the step's backward
+passes the LoRA gradients are summed over the processes: each then holds the gradient one process
+would have computed, clips it and makes the same AdamW update, so the weights stay equal. So
+`batch_size` and `grad_accum` size the whole step, and the steps, the learning-rate schedule and the
+examples seen are those of one process; N processes share each step's work, they do not make the
+batch larger. The recipe does not wrap the model in DistributedDataParallel: its losses call the
+decoder and the LM head directly (the head only at scored positions, the preference stages' packed
+rows), which would bypass the wrapper's forward; one all-reduce of the LoRA gradients per step (a
+few MB) is what DDP does over accumulated micro-batches under `no_sync`.
+
+Also shared: the validation loss (each process scores every N-th validation batch, the sums are
+added, so all take the same early-stopping decision), the preference stages' reference log-probs
+(the same way) and KTO's KL reference point (over the whole micro-batch, as TRL gathers it). Only
+rank 0 writes the adapter, report.json, loss.png and the result file, and shows the progress bar;
+every process leaves the process group at the end. When a process fails, torchrun stops the others
+(SIGTERM: rank 0 removes its temporary folder) and the launcher exits non-zero, which train_in_child
+turns into a TrainError. Each process holds the whole model: FSDP (a base model too large for one
+GPU) is not built; QLoRA is the way to fit one. Threads: learn/cores.py gives each process its share.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from learn.train_config import TrainError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a training run; alone (the default), every collective returns its input."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes and reports."""
+        return self.rank == 0
+
+    @property
+    def owner_pid(self) -> int:
+        """The pid that names the temporary output folder: this process alone; under the launcher, the launcher,
+        which is the process train_in_child started and whose folder it removes after a crash."""
+        return os.getpid() if self.world == 1 else os.getppid()
+
+    def shard(self, items):
+        """This process's share: every world-th item, from the rank-th."""
+        return items[self.rank::self.world]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the processes (float64)."""
+        if self.world == 1:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def each(self, value: float) -> list[float]:
+        """One value from every process, in rank order."""
+        return self.sum([value if r == self.rank else 0.0 for r in range(self.world)])
+
+    def sum_grads(self, params: list) -> None:
+        """Replace each parameter's gradient by its sum over the processes (one all-reduce; no gradient: zeros)."""
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+        dist.all_reduce(flat)  # in fp32 whatever the parameters' dtype (bf16 on CUDA)
+        for p, part in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = part.view_as(p).to(p.dtype, copy=True)
+
+    def broadcast(self, params: list) -> None:
+        """Rank 0's values of these parameters in every process (the seeded LoRA init already agrees; this makes sure)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            dist.broadcast(p.data, 0)
+
+    def close(self) -> None:
+        """Leave the process group (nothing to do alone)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+SOLO = Ranks()
+
+
+def join(device: str, processes: int) -> Ranks:
+    """This process's Ranks: alone, or its place in the group the launcher started (WORLD_SIZE, RANK, MASTER_PORT
+    from torchrun). The config's `processes` and the launcher's count must agree."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != processes:
+        if world == 1:
+            raise TrainError(f"processes = {processes} needs a launcher: train through train_in_child (as the learner does) "
+                             f"or `python -m learn.train --processes {processes} ...`, which start `accelerate launch`")
+        raise TrainError(f"started as {world} processes but processes = {processes}: pass --processes {world}")
+    if world == 1:
+        return Ranks(device=device)
+    import torch
+    from accelerate import PartialState
+
+    if device == "cuda" and torch.cuda.device_count() < world:
+        raise TrainError(f"processes = {world} on CUDA needs a GPU each; {torch.cuda.device_count()} visible: "
+                         f"set processes <= {torch.cuda.device_count()}")
+    state = PartialState(cpu=device == "cpu")  # gloo on CPU, NCCL on CUDA; it also sets this process's GPU
+    return Ranks(rank=state.process_index, world=state.num_processes, device="cpu" if device == "cpu" else str(state.device))
