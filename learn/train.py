@@ -177,6 +177,9 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
         model, tokenizer = load_model(config, base_model, device, start_adapter)
         trainable = [p for p in model.parameters() if p.requires_grad]
         ranks.broadcast(trainable)
+        if config.fsdp:  # each process keeps 1/N of the decoder layers; their parameters are now sharded
+            ranks = ranks.shard_model(model)
+            trainable = [p for p in model.parameters() if p.requires_grad]
         if ranks.world > 1:
             set_seed(config.seed + ranks.rank)  # each process its own dropout masks
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -259,8 +262,9 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
 
         # -- save (rank 0; the others hold the same weights)
         metrics = summary(stage_metrics, skipped, step_losses, device, dict(cores.steps_at), started, ranks.world)
+        whole = ranks.full_state({k: v for k, v in model.state_dict().items() if "lora_" in k}) if ranks.sharded else None
         if ranks.main:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({"state_dict": whole} if whole is not None else {}))
             record = run_record(config, base_model=base_model, out_dir=out_dir, stages=stages, start_adapter=start_adapter, **files)
             write_report(tmp, {"config": record, **metrics, "early_stopped": any(m["early_stopped"] for m in stage_metrics.values()),
                                "train_loss_per_step": step_losses, "epochs_log": epochs_log})

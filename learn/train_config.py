@@ -98,7 +98,11 @@ class TrainConfig(BaseModel):
     learner's way) starts it under `accelerate launch`: on CPU, N processes over gloo sharing the cores; on CUDA,
     one GPU each over NCCL. Each step's conversations are split between them, so batch_size and grad_accum size
     the whole step and the steps and examples seen are those of one process (learn/train_dist.py). Each process
-    holds the whole model (no FSDP)."""
+    holds the whole model unless fsdp is on."""
+    fsdp: bool = False
+    """With processes > 1: shard the base model's decoder layers over the processes (PyTorch FSDP2 `fully_shard`),
+    so each holds 1/N of their weights and gathers a layer only while it runs: for a base model too large for one
+    GPU. Same steps, losses and adapter as without it (learn/train_dist.py); not with qlora."""
 
     @field_validator("train_on_inputs", mode="before")
     @classmethod
@@ -127,6 +131,9 @@ class TrainConfig(BaseModel):
         need(self.processes >= 1, f"processes must be >= 1, got {self.processes}")
         need(self.batch_size >= self.processes, f"batch_size ({self.batch_size}) must be >= processes ({self.processes}): "
              "each process takes a share of every micro-batch")
+        need(not self.fsdp or self.processes > 1, "fsdp shards the model over the processes: set processes > 1")
+        need(not (self.fsdp and self.qlora), "fsdp and qlora together are not supported: 4-bit weights are already "
+             "small; use one or the other")
         need(not (self.qlora and self.device == "cpu"), "qlora needs CUDA (bitsandbytes 4-bit): set qlora=false to train in fp32 on CPU")
         return self
 

@@ -25,14 +25,23 @@ decoder and the LM head directly (the head only at scored positions, the prefere
 rows), which would bypass the wrapper's forward; one all-reduce of the LoRA gradients per step (a
 few MB) is what DDP does over accumulated micro-batches under `no_sync`.
 
+FSDP (`learn.train.fsdp`, a base model too large for one device): `shard_model` puts each decoder
+layer under PyTorch's FSDP2 `fully_shard`, so every process keeps 1/N of the layers' weights (LoRA
+matrices included) and gathers a layer only while it runs; the embeddings and the LM head stay
+whole in each process. FSDP reduce-scatters the LoRA gradients itself, summed (not averaged, the
+same as `sum_grads`), so the step is the same as without it. Each forward and backward pass of a
+sharded layer is a collective, so the processes must make the same number of passes: where one has
+no share of a micro-batch (or fewer validation or reference batches than another), `idle_passes`
+says how many passes it makes on a stand-in batch whose result is discarded. `full_state` gathers
+the adapter's weights whole for rank 0 to save.
+
 Also shared: the validation loss (each process scores every N-th validation batch, the sums are
 added, so all take the same early-stopping decision), the preference stages' reference log-probs
 (the same way) and KTO's KL reference point (over the whole micro-batch, as TRL gathers it). Only
 rank 0 writes the adapter, report.json, loss.png and the result file, and shows the progress bar;
 every process leaves the process group at the end. When a process fails, torchrun stops the others
 (SIGTERM: rank 0 removes its temporary folder) and the launcher exits non-zero, which train_in_child
-turns into a TrainError. Each process holds the whole model: FSDP (a base model too large for one
-GPU) is not built; QLoRA is the way to fit one. Threads: learn/cores.py gives each process its share.
+turns into a TrainError. Threads: learn/cores.py gives each process its share.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     device: str = "cpu"
+    sharded: bool = False  # the model's layers are under FSDP: every pass is a collective (`shard_model`)
 
     @property
     def main(self) -> bool:
@@ -81,10 +91,50 @@ class Ranks:
         """One value from every process, in rank order."""
         return self.sum([value if r == self.rank else 0.0 for r in range(self.world)])
 
+    def idle_passes(self, n: int) -> int:
+        """Under FSDP, the passes this process makes on a stand-in to keep step with the others when `n` items
+        are shared out (`shard`): as many as the largest share has more than its own. Without FSDP: none."""
+        if not self.sharded:
+            return 0
+        return -(-n // self.world) - len(range(self.rank, n, self.world))
+
+    def shard_model(self, model) -> Ranks:
+        """FSDP2: each decoder layer (the classes the model names in `_no_split_modules`) sharded over the
+        processes, gradients summed; returns the Ranks that knows it."""
+        from dataclasses import replace
+
+        from torch.distributed.fsdp import fully_shard
+
+        kinds = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
+        layers = [m for m in model.modules() if type(m).__name__ in kinds]
+        if not layers:
+            raise TrainError(f"fsdp: the base model names no decoder layer class (_no_split_modules) to shard; "
+                             f"train it with fsdp = false")
+        for layer in layers:
+            fully_shard(layer)
+            layer.set_gradient_divide_factor(1.0)  # summed, as sum_grads does: the losses are already divided
+            layer.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM (nor AVG)
+        return replace(self, sharded=True)
+
+    def full_state(self, state: dict) -> dict:
+        """`state` (the adapter's weights) with every sharded tensor gathered whole; call it in every process."""
+        if not self.sharded:
+            return state
+        from torch.distributed.tensor import DTensor
+
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+
     def sum_grads(self, params: list) -> None:
-        """Replace each parameter's gradient by its sum over the processes (one all-reduce; no gradient: zeros)."""
+        """Replace each parameter's gradient by its sum over the processes (one all-reduce; no gradient: zeros).
+        Under FSDP the sharded parameters' gradients are summed already: only the others are."""
         if self.world == 1:
             return
+        if self.sharded:
+            from torch.distributed.tensor import DTensor
+
+            params = [p for p in params if not isinstance(p, DTensor)]
+            if not params:
+                return
         import torch
         import torch.distributed as dist
 

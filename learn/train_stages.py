@@ -83,6 +83,13 @@ class Stage:
     def prepare(self, model, *, from_base: bool, ranks: Ranks = SOLO) -> None:
         """Nothing to do before the first step (SFT); the preference stages override it."""
 
+    def idle(self, model, ranks: Ranks):
+        """No share of this micro-batch in this process: None, or under FSDP (every pass is a collective) a pass
+        on a stand-in example whose loss is zero and counts nothing."""
+        if not ranks.sharded:
+            return None
+        return self.micro_loss(model, self.train_set[:1])[0] * 0, 0, 0
+
     def validation_loss(self, model, ranks: Ranks = SOLO) -> float:
         """Mean loss over the validation set, in this stage's units (no gradients); each process scores its share
         of the batches and every process gets the same mean."""
@@ -90,9 +97,12 @@ class Stage:
 
         total, units = 0.0, 0
         with torch.no_grad():
-            for chunk in ranks.shard(list(self.batches(sorted(self.val_set, key=self.length), self.config.batch_size))):
+            chunks = list(self.batches(sorted(self.val_set, key=self.length), self.config.batch_size))
+            for chunk in ranks.shard(chunks):
                 total += float(self.micro_loss(model, chunk)[0])
                 units += self.units(chunk)
+            for _ in range(ranks.idle_passes(len(chunks))):  # FSDP: in step with the processes that have one more
+                self.micro_loss(model, chunks[0])
         total, units = ranks.sum([total, units])
         return total / max(units, 1)
 
@@ -119,7 +129,7 @@ class SFTStage(Stage):
 
     def micro_loss(self, model, examples: list, ranks: Ranks = SOLO):
         if not examples:
-            return None
+            return self.idle(model, ranks)
         batch = collate(examples, self.pad_id, self.device)
         return scored_loss(model, batch), int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
 
@@ -153,9 +163,12 @@ class PreferenceStage(Stage):
             for examples in (self.train_set, self.val_set):
                 ordered = sorted(examples, key=self.length)
                 refs = [0.0] * (2 * len(ordered))  # (first, second) of each example; each process fills its batches
-                for start in ranks.shard(range(0, len(ordered), size)):
+                starts = range(0, len(ordered), size)
+                for start in ranks.shard(starts):
                     first, second, _ = self.logps(model, ordered[start: start + size])
                     refs[2 * start: 2 * start + 2 * len(first)] = [x for pair in zip(first.tolist(), second.tolist()) for x in pair]
+                for _ in range(ranks.idle_passes(len(starts))):  # FSDP: in step with the others
+                    self.logps(model, ordered[:size])
                 refs = ranks.sum(refs)
                 for k, e in enumerate(ordered):
                     e[f"ref_{self.keys[0]}"], e[f"ref_{self.keys[1]}"] = refs[2 * k], refs[2 * k + 1]
@@ -181,8 +194,9 @@ class KTOStage(PreferenceStage):
         import torch
 
         if not examples:  # no share of this micro-batch here; the KL point is still summed with the other processes
+            stand_in = self.logps(model, self.train_set[:1])[0] if ranks.sharded else None  # FSDP: a pass in step
             ranks.sum([0.0, 0])
-            return None
+            return None if stand_in is None else (stand_in.sum() * 0, 0, 0)
         logps, kl_logps, batch = self.logps(model, examples)  # the KL answer rides along; its log-probs are detached
         z = kl_estimate(kl_logps, self._ref(examples, "kl"), ranks.sum if ranks.world > 1 else None)
         desirable = torch.tensor([e["label"] for e in examples], device=self.device)
@@ -204,7 +218,7 @@ class DPOStage(PreferenceStage):
 
     def micro_loss(self, model, examples: list, ranks: Ranks = SOLO):
         if not examples:
-            return None
+            return self.idle(model, ranks)
         chosen, rejected, batch = self.logps(model, examples)
         losses = dpo_losses(chosen, rejected, self._ref(examples, "chosen"), self._ref(examples, "rejected"), beta=self.config.beta)
         return losses.sum(), batch["tokens"], batch["cells"]
