@@ -3,10 +3,11 @@
     pytest tests/learn/test_train_distributed.py                 # the launch command, the config, the split: seconds
     pytest -m slow tests/learn/test_train_distributed.py         # real training under `accelerate launch` (gloo, 2 CPU processes)
 
-The slow tests: the real SmolLM2-135M trains the same 16 chats as 1 and as 2 processes (and as 2 with
-the layers sharded, FSDP) through train_in_child, and the adapters answer through the real vLLM engine (about 2 minutes on 2 cores, most
-of it the children importing torch and loading the model); on the tiny random Llama, a process killed
-mid-run fails the whole run and leaves nothing, and so does the timeout.
+The slow tests: the real SmolLM2-135M trains the same 16 chats as 1 and as 2 processes through
+train_in_child, and both adapters answer through the real vLLM engine (about 2 minutes on 2 cores, most
+of it the children importing torch and loading the model); on the tiny random Llama, SFT, KTO and DPO
+with the layers sharded (FSDP) train as without, a process killed mid-run fails the whole run and
+leaves nothing, and so does the timeout.
 """
 
 from __future__ import annotations
@@ -167,20 +168,15 @@ async def answer_through_engine(engine_url: str, name: str, folder: Path) -> str
 def test_two_processes_train_like_one_and_both_adapters_serve(tmp_path, model_dir, engine_url):
     data = write_jsonl(tmp_path / "train.jsonl", chats(16))
     runs = {}
-    for n, fsdp in ((1, False), (2, False), ("fsdp", True)):
+    for n in (1, 2):
         config = TrainConfig(rank=8, alpha=16, max_length=256, batch_size=4, epochs=1, learning_rate=1e-3, warmup_ratio=0.0,
-                             device="cpu", processes=2 if fsdp else n, fsdp=fsdp)
+                             device="cpu", processes=n)
         started = time.monotonic()
         result = train_in_child(config, base_model=str(model_dir), train_file=data, out_dir=tmp_path / f"chat-{n}p")
         runs[n] = (result, json.loads((result.out_dir / "report.json").read_text()), time.monotonic() - started)
         assert not list(tmp_path.glob(f"chat-{n}p.tmp-*"))
     (one, report1, s1), (two, report2, s2) = runs[1], runs[2]
-    # the layers sharded over the two processes (FSDP): the same training, the same adapter
-    sharded, report3, s3 = runs["fsdp"]
-    assert report3["config"]["fsdp"] and report3["examples_seen"] == 15 and report3["steps"] == 4
-    assert sharded.metrics["train_loss"] == pytest.approx(two.metrics["train_loss"], rel=1e-4)
-    assert_same_weights(two.out_dir, sharded.out_dir)
-    print(f"\n2 processes, FSDP: {s3:.0f} s, train loss {sharded.metrics['train_loss']:.4f}")
+
     print(f"\n1 process: {s1:.0f} s, train loss {one.metrics['train_loss']:.4f}, {one.metrics['tokens_per_s']:.0f} tokens/s"
           f"\n2 processes: {s2:.0f} s, train loss {two.metrics['train_loss']:.4f}, {two.metrics['tokens_per_s']:.0f} tokens/s")
 
@@ -210,8 +206,10 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.slow
 def test_fsdp_trains_the_preference_stages_like_plain_data_parallel(tmp_path, tiny_model):
-    """SFT, KTO and DPO with the decoder layers sharded: the processes keep step where one has no share of a
-    micro-batch (17 training chats in batches of 4) or fewer validation and reference batches than the other."""
+    """SFT, KTO and DPO with the decoder layers sharded (FSDP): the same losses and adapter as plain data-parallel,
+    and the processes keep step where one has no share of a micro-batch (17 training chats in batches of 4) or
+    fewer validation and reference batches than the other. (On SmolLM2, SFT with FSDP gave the same adapter as
+    without it to 2e-8: measured once, not part of the suite, to keep `make test` within its time.)"""
     from tests.learn.chats import preference_rows
 
     kto, pairs = preference_rows(21)
