@@ -172,41 +172,42 @@ class ChatService:
 
     async def _send(self, payload: dict[str, Any], flight: InFlight, affinity: str | None = None) -> tuple[httpx.Response, Replica]:
         """The engine's 200 response (a stream when asked) and the replica it came from, which counts
-        it in flight until the caller calls `replica.end()`; anything else refuses the request. A replica
-        that refuses the connection, or has lost the version (it restarted), leaves rotation and the
-        request goes to another one: nothing was generated yet."""
+        it in flight until the caller calls `replica.end()`; anything else refuses the request. When
+        no response came (a refused connection, a keep-alive connection the engine had closed, an
+        engine that died while it generated) or a replica has lost the version, the request is tried
+        again, on another replica while there is one: each replica once, plus one more try."""
         tried: list[Replica] = []
+        tries = len(self.engines.replicas) + 1
         try:
-            while True:
-                replica = self.engines.pick(affinity, exclude=tried)
+            for attempt in range(tries):
+                replica = self.engines.pick(affinity, exclude=tried) or self.engines.pick(affinity)
                 if replica is None:
                     raise not_ready("no engine replica is ready" if tried else "the engine is not ready yet")
                 tried.append(replica)
                 replica.begin()
                 try:
-                    response = await self._post(replica, payload, flight, last=len(tried) == len(self.engines.replicas))
+                    response = await self._post(replica, payload, flight, last=attempt == tries - 1)
                 except BaseException:
                     replica.end()
                     raise
                 if response is not None:
                     return response, replica
                 replica.end()
+            raise AssertionError("unreachable: the last try returns or raises")
         except BaseException as exc:  # a cancelled request must also give its lease back
             self.recorder.refuse(flight, _client_left(exc))
             raise
 
     async def _post(self, replica: Replica, payload: dict[str, Any], flight: InFlight, *, last: bool) -> httpx.Response | None:
-        """One try on `replica`: its 200 response, or None when another replica should be tried."""
+        """One try on `replica`: its 200 response, or None when the request should be tried again."""
         request = self.http.build_request("POST", f"{replica.url}/v1/chat/completions", json=payload, timeout=self.timeout)
         try:
             response = await self.http.send(request, stream=bool(payload.get("stream")))
-        except httpx.ConnectError as exc:  # refused: nothing was sent, another replica may answer
-            self.engines.failed(replica, f"{type(exc).__name__}: {exc}")
+        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # no response: refused, or the connection broke
+            if isinstance(exc, httpx.ConnectError):  # refused: that replica is down (or restarting)
+                self.engines.failed(replica, f"{type(exc).__name__}: {exc}")
             if not last:
                 return None
-            raise not_ready(f"the engine is unreachable ({type(exc).__name__})") from exc
-        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # reset mid-request: it died or restarts
-            self.engines.failed(replica, f"{type(exc).__name__}: {exc}")
             raise not_ready(f"the engine is unreachable ({type(exc).__name__})") from exc
         except httpx.TimeoutException as exc:
             raise APIError(504, "the engine did not answer in time (serve.request_timeout_s)", type="timeout",
@@ -215,7 +216,7 @@ class ChatService:
             return response
         try:
             if response.status_code == 404 and flight.route.version != self.router.base:
-                if not last:  # this replica lost the version (it restarted): sync it, answer from another
+                if len(self.engines.replicas) > 1 and not last:  # this replica lost the version (it restarted)
                     self.engines.failed(replica, f"it has lost {flight.route.version}")
                     return None
                 self.router.table.lost(flight.route.version)  # the engine lost it: reload, retry

@@ -83,6 +83,25 @@ async def test_engine_unreachable_is_503(gw, upstream):
     assert turns(gw.writer) == [] and gw.router.table.in_flight("base") == 0
 
 
+async def test_a_connection_the_engine_closed_before_answering_is_tried_once_more(gw, upstream):
+    """A keep-alive connection the engine had just closed (its idle timeout) breaks before any response:
+    the request goes out again instead of failing."""
+    tries = []
+
+    def answer(request):
+        tries.append(request)
+        if len(tries) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, json=vllm_answer("Hi."))
+
+    upstream.post("/v1/chat/completions").mock(side_effect=answer)
+    r = await gw.client.post("/v1/chat/completions", json={"messages": MESSAGES})
+    assert r.status_code == 200 and len(tries) == 2
+    upstream.post("/v1/chat/completions").mock(side_effect=httpx.ReadError("reset"))  # ... but only once
+    r = await gw.client.post("/v1/chat/completions", json={"messages": MESSAGES})
+    assert r.status_code == 503 and "retry-after" in r.headers
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_engine_error_comes_back_openai_style_with_its_status(gw, upstream, stream):
     vllm_error = {"error": {"message": "This model's maximum context length is 2048 tokens.", "type": "BadRequestError",
