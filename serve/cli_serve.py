@@ -104,8 +104,7 @@ async def run_serve(settings, *, with_learner: bool = False) -> None:
     # uvicorn installs its own handlers while it serves and re-raises the signal after shutdown;
     # ours must then be the ones in place, or a default SIGTERM would kill us before the engine stops.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    # several replicas (engine.urls, engine.dns) are probed by the gateway's engine pool (serve/pool.py)
-    engine = None if settings.engine.urls or settings.engine.dns else EngineManager(settings)
+    engine = None if settings.engine.pooled else EngineManager(settings)  # replicas: probed by the gateway's pool
     supervise = None
     learner = None
     try:

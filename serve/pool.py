@@ -151,6 +151,11 @@ class EnginePool:
     def live(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.live]
 
+    @property
+    def probed(self) -> list[Replica]:
+        """The replicas this pool health-checks itself (engine.urls, engine.dns): all but a managed one."""
+        return [r for r in self.replicas.values() if r.manager is None]
+
     def pick(self, affinity: str | None = None, exclude: Iterable[Replica] = ()) -> Replica | None:
         """A ready replica with the fewest requests in flight, or None when none is ready. With
         `affinity` (a conversation's key) the conversation stays on the replica its key hashes to
@@ -185,17 +190,7 @@ class EnginePool:
         """Load and warm `version` on every live replica; True when one of them did not have it yet.
         A replica that does not answer is taken out of rotation (it is synced when it rejoins);
         AdapterLoadError when a replica refuses the adapter; httpx.ConnectError when none answers."""
-        replicas = self.live()
-        results = await asyncio.gather(*(r.adapters.load(version, path) for r in replicas), return_exceptions=True)
-        refused = [e for e in results if isinstance(e, AdapterLoadError)]
-        if refused:
-            raise refused[0]
-        for replica, result in zip(replicas, results):
-            if isinstance(result, httpx.HTTPError):
-                self.failed(replica, f"loading {version}: {type(result).__name__}: {result}")
-            elif isinstance(result, BaseException):
-                raise result
-        done = [r for r in results if isinstance(r, bool)]
+        done = await self._each(lambda r: r.adapters.load(version, path), self.live(), doing=f"loading {version}")
         if not done:
             raise httpx.ConnectError(f"no engine replica answered while loading {version}")
         return any(done)
@@ -206,10 +201,7 @@ class EnginePool:
             if version in await replica.adapters.models():
                 await replica.adapters.unload(version)
 
-        replicas = self.live()
-        for replica, result in zip(replicas, await asyncio.gather(*(one(r) for r in replicas), return_exceptions=True)):
-            if isinstance(result, httpx.HTTPError):
-                self.failed(replica, f"unloading {version}: {type(result).__name__}")
+        await self._each(one, self.live(), doing=f"unloading {version}")
 
     async def sync(self, replica: Replica, wanted: dict[str, str]) -> None:
         """Load onto `replica` each of `wanted` (version -> folder) that it lacks: a replica that
@@ -227,7 +219,7 @@ class EnginePool:
     async def verify(self, wanted: dict[str, str]) -> None:
         """Each ready replica still holds `wanted`; one that lost versions (restarted between two
         health checks) leaves rotation while it is synced. Run under the reconciler's pass lock."""
-        for replica in [r for r in self.replicas.values() if r.manager is None and r.state == "ready"]:
+        for replica in [r for r in self.probed if r.state == "ready"]:
             try:
                 have = await replica.adapters.models()
             except httpx.HTTPError as exc:
@@ -243,41 +235,34 @@ class EnginePool:
                 except httpx.HTTPError as exc:
                     self.failed(replica, f"syncing: {type(exc).__name__}: {exc}")
 
-    async def _each(self, call: Callable[[Replica], Awaitable[Any]], replicas: list[Replica]) -> list[Any]:
-        """`call` on each replica at once; the answers of those that answered (the others leave rotation)."""
+    async def _each(self, call: Callable[[Replica], Awaitable[Any]], replicas: list[Replica], *, doing: str = "") -> list[Any]:
+        """`call` on each replica at once; the answers of those that answered. One that did not (an httpx
+        error) leaves rotation; a refused adapter (AdapterLoadError) is raised first, then any other error."""
         results = await asyncio.gather(*(call(r) for r in replicas), return_exceptions=True)
-        answered = []
         for replica, result in zip(replicas, results):
             if isinstance(result, httpx.HTTPError):
-                self.failed(replica, f"{type(result).__name__}: {result}")
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                answered.append(result)
-        return answered
+                self.failed(replica, f"{doing + ': ' if doing else ''}{type(result).__name__}: {result}")
+        errors = [e for e in results if isinstance(e, BaseException) and not isinstance(e, httpx.HTTPError)]
+        if errors:
+            raise next((e for e in errors if isinstance(e, AdapterLoadError)), errors[0])
+        return [r for r in results if not isinstance(r, BaseException)]
 
     # --- health --------------------------------------------------------------------------
     async def start(self) -> None:
         """Probe every replica once (ready ones take traffic at once), then keep probing."""
-        if all(r.manager is not None for r in self.replicas.values()) and not self.dns:
+        if not self.probed and not self.dns:
             return  # one supervised engine: its manager does the health checks
         await self.check()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        self._task = await cancelled(self._task)
 
     async def check(self) -> None:
         """One round: re-resolve (dns), probe every replica, bring answering ones back into rotation."""
         if self.dns and time.monotonic() - self._resolved_at >= self.resolve_interval_s:
             await self._resolve()
-        probed = [r for r in self.replicas.values() if r.manager is None]
+        probed = self.probed
         await asyncio.gather(*(self._probe(r) for r in probed))
         for state in ("ready", "syncing", "down"):
             metrics.ENGINE_REPLICAS.labels(state=state).set(sum(r.state == state for r in probed))
@@ -350,3 +335,15 @@ class EnginePool:
         replica = Replica(url, EngineAdapters(self.http, url, max_rank=self.max_rank), manager=manager)
         self.replicas[url] = replica
         return replica
+
+
+async def cancelled(task: asyncio.Task | None) -> None:
+    """Cancel a background loop (the pool's health checks, the reconciler's passes) and wait until it has
+    ended; None, for the field that held it."""
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+    return None

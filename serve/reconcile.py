@@ -56,7 +56,7 @@ from learn.registry import RegistryError
 from learn.replicas import ReplicaLeases
 from serve.adapters import AdapterLoadError
 from serve.metrics import ALIAS_FALLBACK
-from serve.pool import EnginePool, Replica
+from serve.pool import EnginePool, Replica, cancelled
 from serve.routing import Router, Target
 
 log = logging.getLogger("tunewheel.reconcile")
@@ -397,13 +397,7 @@ class Reconciler:
                 pass  # called from another thread; the periodic pass picks it up within seconds
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        self._task = await cancelled(self._task)
         if self.leases is not None:
             try:
                 await asyncio.to_thread(self.leases.leave)

@@ -204,6 +204,12 @@ class EngineSettings(BaseModel):
         return self.url is not None or bool(self.urls)
 
     @property
+    def pooled(self) -> bool:
+        """Several replicas (urls), or a name to resolve (dns): the gateway's engine pool probes them itself
+        (serve/pool.py), instead of an EngineManager supervising one engine."""
+        return bool(self.urls) or self.dns
+
+    @property
     def replica_urls(self) -> list[str]:
         """The attached engines' root URLs (without /v1), as configured (before any DNS lookup)."""
         return [re.sub(r"/v1/?$", "", u.rstrip("/")) for u in ([self.url] if self.url else self.urls)]

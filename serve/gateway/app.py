@@ -138,7 +138,7 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
         http = await stack.enter_async_context(httpx.AsyncClient(
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=256),
             timeout=httpx.Timeout(settings.serve.request_timeout_s, connect=5.0), trust_env=False))
-        if engine is None and (settings.engine.urls or settings.engine.dns):  # replicas, probed by the pool
+        if engine is None and settings.engine.pooled:  # replicas, probed by the pool
             engines = EnginePool.attached(settings, http)
             await engines.start()
             stack.push_async_callback(engines.stop)
@@ -156,7 +156,7 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
                 _reload_after_restart(stack, engine, reconciler)
             restyle = RestyleStep(router=router, loader=reconciler, recorder=recorder, http=http,
                                   engines=engines, config=settings.restyle)
-        chat = ChatService(http=http, engine=engines, router=router, recorder=recorder, loader=reconciler,
+        chat = ChatService(http=http, engines=engines, router=router, recorder=recorder, loader=reconciler,
                            restyle=restyle, timeout_s=settings.serve.request_timeout_s,
                            alias_styles={n: a.style for n, a in settings.serve.aliases.items() if a.style})
         yield GatewayState(settings=settings, auth=Auth.from_settings(settings), engine=engines, router=router,

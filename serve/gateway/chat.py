@@ -1,11 +1,11 @@
 """Chat completions through the gateway: route the name, call vLLM, relay, log the turn.
 
-    service = ChatService(http=client, engine=engine, router=router, recorder=TurnRecorder(writer))
+    service = ChatService(http=client, engines=EnginePool.of(engine, client), router=router, recorder=TurnRecorder(writer))
     response = await service.create(request, body, caller=caller, conversation_id=None, started=t0)
 
 `ChatService` is the serving class behind `POST /v1/chat/completions` (the route in
 serve/gateway/routes_chat.py only reads and validates the body). It gets every collaborator in
-its constructor, so tests hand it a fake engine (`.url`, `.ready`), a `Router` they hold and a
+its constructor, so tests hand it a pool of a fake engine (`.url`, `.ready`), a `Router` they hold and a
 respx-mocked `httpx.AsyncClient`.
 
 What a client sees: the `id` of every answer (and of every chunk of a streamed one) is the
@@ -58,12 +58,11 @@ class ChatService:
     """`loader`: the reconciler, which loads pinned versions on demand (None without a registry).
     `restyle`: the restyle step (None: no styles served). `alias_styles`: alias -> its style."""
 
-    def __init__(self, *, http: httpx.AsyncClient, engine: Any, router: Router, recorder: TurnRecorder,
+    def __init__(self, *, http: httpx.AsyncClient, engines: EnginePool, router: Router, recorder: TurnRecorder,
                  loader: Any = None, restyle: RestyleStep | None = None, alias_styles: dict[str, str] | None = None,
                  timeout_s: float = 600.0):
         self.http = http
-        self.engine = engine
-        self.engines = engine if isinstance(engine, EnginePool) else EnginePool.of(engine, http)
+        self.engines = engines  # serve/pool.py: the replicas a request may go to (one, for one engine)
         self.router = router
         self.recorder = recorder
         self.loader = loader

@@ -58,7 +58,7 @@ class RestyleStep:
 
     def __init__(self, *, router: Router, loader: Any, recorder: TurnRecorder, http: httpx.AsyncClient,
                  engines: Any, config: RestyleSettings):
-        """`engines`: the chat engine's replicas (serve/pool.py EnginePool), or one engine's URL."""
+        """`engines`: the chat engine's replicas (serve/pool.py EnginePool)."""
         self.router, self.loader, self.recorder, self.http, self.config = router, loader, recorder, http, config
         self.engines = engines
         self.separate_engine = config.engine_url is not None
@@ -70,7 +70,7 @@ class RestyleStep:
         """Where a rewrite goes: restyle.engine_url, else the least busy chat engine replica."""
         if self.separate_engine:
             return self.config.engine_url.rstrip("/")
-        return self.engines.rstrip("/") if isinstance(self.engines, str) else self.engines.url
+        return self.engines.url
 
     async def version_for(self, style: str) -> str:
         """The engine name of the style's promoted restyler, loaded; 404 naming the styles there are."""

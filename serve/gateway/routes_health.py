@@ -40,9 +40,8 @@ async def ready(gateway: GatewayDep) -> dict[str, Any]:
     if waiting:
         raise not_ready("adapters are loading into the engine: " + ", ".join(f"{a} ({v})" for a, v in sorted(waiting.items())))
     body: dict[str, Any] = {"status": "ready", "aliases": table.aliases()}
-    replicas = getattr(gateway.engine, "replicas", {})
-    if len(replicas) > 1 or any(r.manager is None for r in replicas.values()):  # engine.urls: each one's state
-        body["replicas"] = {url: r.state for url, r in replicas.items()}
+    if gateway.engine.probed:  # engine.urls or engine.dns: each replica's state
+        body["replicas"] = {r.url: r.state for r in gateway.engine.probed}
     if gateway.reconciler is not None and gateway.reconciler.off_target:
         body["fallback"] = {alias: {"target": target, "serving": table.resolve(alias)}
                             for alias, target in gateway.reconciler.off_target.items()}

@@ -20,6 +20,7 @@ from typing import Any
 from serve.gateway.auth import Auth
 from serve.gateway.chat import ChatService
 from serve.gateway.limits import Limits
+from serve.pool import EnginePool
 from serve.metrics import StoreMetrics
 from serve.reconcile import Reconciler
 from serve.routing import Router
@@ -30,8 +31,8 @@ from serve.settings import Settings
 class GatewayState:
     settings: Settings
     auth: Auth
-    engine: Any
-    """serve.engine.EngineManager, or anything with `.url` and `.ready`."""
+    engine: EnginePool
+    """serve/pool.py: the engine replicas (one, for one engine) with `.ready`, `.probed` and their states."""
     router: Router
     chat: ChatService
     writer: Any
