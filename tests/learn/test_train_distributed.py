@@ -13,6 +13,7 @@ leaves nothing, and so does the timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from learn.train import TrainConfig, TrainError, argument_parser, train_in_child
 from learn.train_child import launch_command
 from learn.train_dist import SOLO, Ranks, join
 from tests.learn.chats import coqa_rows, write_jsonl
+from tests.learn.test_train_child import wait_for
 
 
 def test_one_process_runs_the_recipe_directly():
@@ -253,16 +255,9 @@ def rank_processes() -> dict[int, int]:
     return found
 
 
-def wait_for(condition, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (value := condition()):
-            return value
-        time.sleep(0.2)
-    return None
-
-
-def train_in_thread(tiny_model, data, out, **kwargs) -> tuple[threading.Thread, dict]:
+@contextlib.contextmanager
+def training_in_thread(tiny_model, data, out, **kwargs):
+    """A 2-process run through train_in_child in a thread: (thread, outcome); every rank killed afterwards, whatever happened."""
     config = TrainConfig(rank=8, alpha=16, batch_size=4, max_length=128, device="cpu", epochs=1000, early_stopping_patience=1000,
                          processes=2)
     outcome: dict = {}
@@ -275,14 +270,23 @@ def train_in_thread(tiny_model, data, out, **kwargs) -> tuple[threading.Thread, 
 
     thread = threading.Thread(target=run)
     thread.start()
-    return thread, outcome
+    try:
+        yield thread, outcome
+    finally:
+        for pid in rank_processes().values():
+            os.kill(pid, signal.SIGKILL)
+        thread.join(30)
+
+
+def gone(ranks: dict[int, int]) -> bool:
+    """Every rank process has exited (within 30 s)."""
+    return bool(wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in ranks.values()), timeout=30))
 
 
 @pytest.mark.slow
 def test_a_process_killed_mid_run_fails_the_run_and_leaves_nothing(tmp_path, tiny_model):
     data, out = write_jsonl(tmp_path / "train.jsonl", coqa_rows(16)), tmp_path / "out"
-    thread, outcome = train_in_thread(tiny_model, data, out)
-    try:
+    with training_in_thread(tiny_model, data, out) as (thread, outcome):
         ranks = wait_for(lambda: (r := rank_processes()) and len(r) == 2 and list(tmp_path.glob("out.tmp-*")) and r)
         assert ranks, "the two training processes never started"
         time.sleep(2)  # training steps now
@@ -292,25 +296,16 @@ def test_a_process_killed_mid_run_fails_the_run_and_leaves_nothing(tmp_path, tin
         assert "2 processes" in outcome["error"] and "SIGKILL" in outcome["error"]
         assert re.search(r"rank\s*: 1 ", outcome["error"])  # torchrun's summary names the process that failed first
         assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
-        assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in ranks.values()), timeout=30), "a process outlived the run"
-    finally:
-        for pid in rank_processes().values():
-            os.kill(pid, signal.SIGKILL)
-        thread.join(30)
+        assert gone(ranks), "a process outlived the run"
 
 
 @pytest.mark.slow
 def test_a_timeout_stops_every_process_and_leaves_nothing(tmp_path, tiny_model):
     data, out = write_jsonl(tmp_path / "train.jsonl", coqa_rows(16)), tmp_path / "out"
-    thread, outcome = train_in_thread(tiny_model, data, out, timeout=25)
-    try:
+    with training_in_thread(tiny_model, data, out, timeout=25) as (thread, outcome):
         ranks = wait_for(lambda: (r := rank_processes()) and len(r) == 2 and r)
         assert ranks, "the two training processes never started"
         thread.join(120)
         assert "timed out after 25 s" in outcome["error"]
         assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
-        assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in ranks.values()), timeout=30), "a process outlived the run"
-    finally:
-        for pid in rank_processes().values():
-            os.kill(pid, signal.SIGKILL)
-        thread.join(30)
+        assert gone(ranks), "a process outlived the run"

@@ -17,7 +17,7 @@ from serve.pool import AFFINITY_SLACK, EnginePool
 from serve.reconcile import Reconciler
 from serve.routing import Router
 from serve.settings import load_settings
-from tests.serve.test_reconcile import FakeEngine
+from tests.serve.test_reconcile import FakeEngine, add_version
 
 A, B = "http://a.test:8000", "http://b.test:8000"
 
@@ -56,12 +56,7 @@ async def world(tmp_path):
     reconciler = Reconciler(router, http, pool)
 
     def new_version() -> str:
-        name = registry.new_version_name("chat")
-        folder = tmp_path / "adapters" / name
-        folder.mkdir(parents=True)
-        (folder / "adapter_config.json").write_text('{"r": 8}')
-        registry.register(name, kind="chat", path=folder)
-        return name
+        return add_version(registry, tmp_path / "adapters")
 
     yield replicas, pool, reconciler, registry, new_version
     await http.aclose()

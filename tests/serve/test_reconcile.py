@@ -57,6 +57,16 @@ class FakeEngine:
         return httpx.Response(404)
 
 
+def add_version(registry: Registry, adapters_dir) -> str:
+    """A new chat version in `registry`, its folder (an adapter_config.json) under `adapters_dir`."""
+    name = registry.new_version_name("chat")
+    folder = adapters_dir / name
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    registry.register(name, kind="chat", path=folder)
+    return name
+
+
 @pytest.fixture
 async def world(tmp_path):
     settings = load_settings(None, data_dir=tmp_path)
@@ -65,12 +75,7 @@ async def world(tmp_path):
     client = httpx.AsyncClient(transport=httpx.MockTransport(engine.handler))
 
     def new_version() -> str:
-        name = registry.new_version_name("chat")
-        folder = tmp_path / "adapters" / name
-        folder.mkdir(parents=True)
-        (folder / "adapter_config.json").write_text("{}")
-        registry.register(name, kind="chat", path=folder)
-        return name
+        return add_version(registry, tmp_path / "adapters")
 
     def gateway() -> tuple[AliasTable, Reconciler]:
         router = Router(settings.serve.aliases, base=settings.engine.served_name, registry=registry)
