@@ -49,6 +49,7 @@ test-fast: install
 	$(PY) -m pytest -q -n auto -m "not engine and not slow" tests
 
 bench: install
+	@date +%s > bench/.started
 	$(VENV)/bin/tunewheel model prepare
 	$(PY) bench/gateway_overhead.py
 	$(PY) bench/curation.py
@@ -60,6 +61,7 @@ bench: install
 	$(PY) bench/restyle.py
 	$(PY) bench/canary.py
 	$(PY) bench/preference.py
+	$(PY) bench/summary.py --since $$(cat bench/.started)
 
 # The common commands, without activating the venv.
 serve: install

@@ -242,15 +242,15 @@ class Registry:
         with self._session() as s:
             return s.get(AdapterVersion, name)
 
-    def list(self, kind: str | None = None, style: str | None = None) -> list[AdapterVersion]:
-        """Versions, newest first; filtered by kind and style when given."""
+    def list(self, kind: str | None = None, style: str | None = None, *, state: str | None = None,
+             limit: int | None = None) -> list[AdapterVersion]:
+        """Versions, newest first (the first `limit`); filtered by kind, style and state when given."""
         with self._session() as s:
             q = select(AdapterVersion)
-            if kind is not None:
-                q = q.where(AdapterVersion.kind == kind)
-            if style is not None:
-                q = q.where(AdapterVersion.style == style)
-            return list(s.execute(q.order_by(AdapterVersion.created_at.desc(), AdapterVersion.name.desc())).scalars())
+            for column, value in ((AdapterVersion.kind, kind), (AdapterVersion.style, style), (AdapterVersion.state, state)):
+                q = q if value is None else q.where(column == value)
+            q = q.order_by(AdapterVersion.created_at.desc(), AdapterVersion.name.desc()).limit(limit)
+            return list(s.execute(q).scalars())
 
     def prod(self, kind: str = "chat", style: str | None = None) -> AdapterVersion | None:
         """The promoted version of (kind, style), or None when the base model serves."""

@@ -41,6 +41,7 @@ import httpx
 from serve.demo_users import table, users_round
 
 DEMO_DIR = Path(".tunewheel/demo")
+RESULTS_DIR = Path(".tunewheel/demo-results")  # the last default and seeded run's figures
 
 
 def say(text: str = "") -> None:
@@ -301,9 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         say_round(f"round {args.cycles + 1}", rounds[-1])
         say("\n" + table(base, rounds, cycles))
         minutes = (time.monotonic() - t_start) / 60
-        (DEMO_DIR / "demo_result.json").write_text(json.dumps({"base": base, "rounds": rounds, "cycles": cycles, "minutes": minutes,
-                                                               "args": vars(args)}, indent=2, default=str))
         best = max((c["heldout"]["f1"] for c in cycles if c["outcome"] == "promoted"), default=base["f1"])
+        result = json.dumps({"base": base, "rounds": rounds, "cycles": cycles, "minutes": minutes, "gain_f1": best - base["f1"],
+                             "args": vars(args)}, indent=2, default=str)
+        (DEMO_DIR / "demo_result.json").write_text(result)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)  # kept across demos, for bench/summary.py
+        (RESULTS_DIR / f"{'seeded' if args.seeded else 'default'}.json").write_text(result)
         say(f"\nheld-out F1 {base['f1']:.3f} (base) -> {best:.3f} (served now, {best - base['f1']:+.3f}); "
             f"{sum(c['outcome'] == 'promoted' for c in cycles)} of {len(cycles)} cycle(s) promoted")
         say(f"demo finished in {minutes:.1f} min; results in {DEMO_DIR / 'demo_result.json'}")

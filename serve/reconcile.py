@@ -21,24 +21,23 @@ an engine restart or when the engine answered that it lost a version. One pass:
 
 A zero-downtime swap follows from that order: the alias flips only after the new version
 answers, and the old one leaves the engine only after its last request, and only once no other
-gateway replica on the same engine leases it (otherwise a later pass tries again). The version a
-rollback of a prod alias would go back to (`Target.fallbacks[0]`, usually the one just replaced)
-is not unloaded at all (`standby`): a rollback flips the alias at once instead of reloading and
-warming an adapter under load. A prod alias's canary (`Target.canary`, learn/live.py) is loaded and
-warmed the same way and only then answers its share (`AliasTable.canaries`); when the canary
-ends it is unloaded like a replaced version, or becomes the alias's version when promoted.
+gateway replica on the same engine leases it (otherwise a later pass tries again). Kept loaded
+without being served, so that the next swap is a flip and not a load under load: the version a
+rollback of a prod alias would reach (`standby`: `Target.fallbacks[0]`, usually the one just
+replaced), and the newest candidates a promotion may pick (`staged`: `Target.staged`) while the
+engine has LoRA slots to spare (`max_loras`, after what is served, standby and pinned). A prod
+alias's canary (`Target.canary`, learn/live.py) is loaded and warmed, then answers its share
+(`AliasTable.canaries`); when it ends it is unloaded, or becomes the alias's version.
 
 A target that will not load (folder vanished, rank too large, weights that do not fit the base
-model) never leaves an alias on the base model silently: the alias stays on its version while
-the engine has it, else falls back to the last good versions (`Target.fallbacks`) in turn, and
-to the base model only when none loads; `tunewheel_alias_fallback{alias}` is 1 meanwhile and the
-error with its fix is logged once. Aliases are served only after a pass that reached the engine
-(`AliasTable.synced`; cleared by an engine restart), which is what /ready waits for. When the
-registry cannot be read (database down), a pass works from the last targets it read, so an engine
-restart is still recovered. Pinned `chat@<version>` requests (and restylers on the chat engine)
-load their version on demand through `ensure_pinned()`; such versions are unloaded again after
-`PINNED_IDLE_S` unused. Only versions this reconciler loaded or aliased are ever unloaded by it:
-a learner in another process may have loaded a candidate for evaluation.
+model) never leaves an alias on the base model silently: the alias stays on its version while the
+engine has it, else on the last good versions (`Target.fallbacks`) in turn, else on the base model;
+`tunewheel_alias_fallback{alias}` is 1 meanwhile and the error with its fix is logged once. Aliases
+are served only after a pass that reached the engine (`AliasTable.synced`; cleared by an engine
+restart), which is what /ready waits for. When the registry cannot be read, a pass works from the
+targets it read last. `chat@<version>` requests (and restylers on the chat engine) load their
+version on demand (`ensure_pinned()`), unloaded after `PINNED_IDLE_S` unused. Only versions this
+reconciler loaded or aliased are ever unloaded by it (a learner may have loaded one to evaluate).
 """
 
 from __future__ import annotations
@@ -66,14 +65,13 @@ HEARTBEAT_S = 10.0  # well within learn.replicas.REPLICA_TTL_S
 FIRST_PASS_S = 30.0  # how long start() waits for the first pass before serving goes on without it
 
 class Reconciler:
-    """Converges the engine and the router's alias table on the router's targets. All methods
-    are safe to call concurrently. `drain_timeout_s`: how long an old version's requests may
-    run on after a swap before it is unloaded anyway (serve.request_timeout_s). `max_lora_rank`:
-    the engine's LoRA capacity. `leases`: this replica's row in the registry (default: one on
-    the router's registry)."""
+    """Converges the engine and the router's alias table on the router's targets; every method is safe to
+    call concurrently. `drain_timeout_s`: how long an old version's requests may run on after a swap
+    (serve.request_timeout_s). `max_lora_rank`, `max_loras`: the engine's LoRA capacity and slots (None:
+    no candidate is staged). `leases`: this replica's row in the registry (default: on the router's)."""
 
-    def __init__(self, router: Router, http_client: httpx.AsyncClient, engines: EnginePool | str, *,
-                 drain_timeout_s: float = 600.0, max_lora_rank: int | None = None, leases: ReplicaLeases | None = None):
+    def __init__(self, router: Router, http_client: httpx.AsyncClient, engines: EnginePool | str, *, drain_timeout_s: float = 600.0,
+                 max_lora_rank: int | None = None, max_loras: int | None = None, leases: ReplicaLeases | None = None):
         self.router = router
         self.table = router.table  # what the engine serves now, and the leases a swap drains
         self.registry = router.registry
@@ -97,19 +95,14 @@ class Reconciler:
         self._beat: tuple[float, set[str] | None] = (0.0, None)  # when this replica last told the registry, and what
         self.off_target: dict[str, str] = {}  # alias -> the target it should serve but cannot
         self.standby: set[str] = set()  # the versions a rollback would reach: kept loaded, not served
+        self.max_loras = max_loras
+        self.staged: set[str] = set()  # candidates loaded ahead of a promotion (Target.staged): kept loaded, not served
+        self._unstageable: set[str] = set()  # candidates that would not load: left to the promotion to report
         self._task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # for callers on other threads (the learner)
         self.last_error: str | None = None
 
     # --- the engine ----------------------------------------------------------------------
-    async def models(self) -> dict[str, str | None]:
-        """Engine model name -> the path it was loaded from (vLLM's `root`), base model included."""
-        return await self.pool.models()
-
-    async def loaded(self) -> set[str]:
-        """Names the engine serves now (the base model and every loaded adapter)."""
-        return set(await self.models())
-
     async def load(self, version: str, path: str | Path) -> None:
         """Load and warm `version` unless the engine has it already (then it is not ours to unload)."""
         if await self.pool.load(version, path):
@@ -143,15 +136,37 @@ class Reconciler:
                 await self._serve_canary(alias, target)
             canaries = {version for version, _ in self.table.canaries.values()}
             # what a rollback would go back to stays loaded: a rollback is then a flip, not a reload
-            was_standby = self.standby
+            was_standby, was_staged = self.standby, self.staged
             self.standby = {t.fallbacks[0].version for t in targets.values() if t.fallbacks} - set(now.values())
             keep = set(now.values()) | self.standby | canaries
-            self._retiring |= {v for v in (set(before.values()) | was_standby | canaries_before) - keep
+            self.staged = await self._stage(targets, keep)
+            keep |= self.staged
+            self._retiring |= {v for v in (set(before.values()) | was_standby | was_staged | canaries_before) - keep
                                if v in self._owned and v not in self._pinned_used}
             self._sweep_pinned(keep=keep)
             await self._heartbeat()
             self._start_unloads(keep=keep)
             return now
+
+    async def _stage(self, targets: dict[str, Target], keep: set[str]) -> set[str]:
+        """Load the candidates a promotion may pick next into the LoRA slots left after `keep` and the pinned versions."""
+        spare = (self.max_loras or 0) - len((keep | set(self._pinned_used)) - {self.base_name})
+        staged: set[str] = set()
+        for candidate in (c for t in targets.values() for c in t.staged if c.path is not None):
+            if spare <= 0 or candidate.version in keep | set(self._pinned_used) | self._unstageable:
+                continue
+            try:
+                await self.load(candidate.version, candidate.path)
+            except AdapterLoadError as exc:  # its promotion, if one is asked for, says why
+                self._unstageable.add(candidate.version)
+                log.info("candidate %s is not loaded ahead of a promotion: %s", candidate.version, exc)
+                continue
+            except httpx.HTTPError:  # the engine is down: the next pass tries again
+                break
+            self._owned.add(candidate.version)
+            staged.add(candidate.version)
+            spare -= 1
+        return staged
 
     async def rejoin(self, replica: Replica) -> None:
         """A replica answers again: it gets every version the others serve before it takes requests."""
@@ -209,7 +224,7 @@ class Reconciler:
         """The target will not load: stay on the current version while the engine has it, else the last
         good versions in turn, and the base model only when none of them loads."""
         try:
-            models = await self.models()
+            models = await self.pool.models()
         except httpx.HTTPError:
             return False
         if current is not None and current != self.base_name and current in models:
@@ -311,7 +326,7 @@ class Reconciler:
             if drained is False:
                 log.warning("%s still had requests in flight after the drain timeout; unloading anyway", version)
             if version in self.table.aliases().values() or version in self._pinned_used or version in self.standby \
-                    or version in {v for v, _ in self.table.canaries.values()}:
+                    or version in self.staged or version in {v for v, _ in self.table.canaries.values()}:
                 self._retiring.discard(version)  # a rollback or a pinned request brought it back while we waited
                 return
             if await self._leased_elsewhere(version):

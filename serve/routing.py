@@ -58,6 +58,7 @@ log = logging.getLogger("tunewheel.routing")
 PINNED_PREFIX = "chat@"
 BASE_NAME = "base"  # what clients call the base model, whatever the engine serves it as
 SERVABLE_STATES = ("candidate", "promoted", "retired")  # registry states a pinned request may use
+STAGED = 2  # candidates per prod alias kept loaded ahead of a promotion (while LoRA slots are spare)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class Target:
     canary: Target | None = None
     """The alias's canary (prod aliases only) and the share of conversations it answers."""
     canary_share: float = 0.0
+    staged: tuple[Target, ...] = ()
+    """Candidates a promotion may pick next (prod aliases only, newest first): the reconciler keeps them
+    loaded while the engine has LoRA slots to spare, so that promoting one is a flip, not a load."""
 
 
 class NotServed(LookupError):
@@ -291,15 +295,17 @@ class Router:
         v = self.registry.prod(kind="chat") if adapter == "prod" else self.registry.get(adapter)
         if v is None and adapter != "prod":
             log.error("alias %s names adapter %s, which is not in the registry; serving the base model", alias, adapter)
-        if v is None:
-            return Target(self.base)
         if adapter != "prod":
-            return Target(v.name, v.path)
+            return Target(v.name, v.path) if v is not None else Target(self.base)
+        staged = tuple(Target(c.name, c.path) for c in self.registry.list("chat", state="candidate", limit=STAGED))
+        if v is None:
+            return Target(self.base, staged=staged)
         fallbacks = tuple(Target(g.name, g.path) for g in self.registry.last_good("chat"))
         canary = canary_of(self.registry, "chat")
         if canary is None:
-            return Target(v.name, v.path, fallbacks)
-        return Target(v.name, v.path, fallbacks, canary=Target(canary[0].name, canary[0].path), canary_share=canary[1])
+            return Target(v.name, v.path, fallbacks, staged=staged)
+        return Target(v.name, v.path, fallbacks, canary=Target(canary[0].name, canary[0].path), canary_share=canary[1],
+                      staged=staged)
 
     def pinned(self, version: str) -> Target | None:
         """The target of `chat@<version>`: a registry version in a servable state, else None."""

@@ -149,7 +149,8 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
         recorder = TurnRecorder(writer)
         reconciler = restyle = None
         if registry is not None:
-            reconciler = Reconciler(router, http, engines, drain_timeout_s=settings.serve.request_timeout_s)
+            reconciler = Reconciler(router, http, engines, drain_timeout_s=settings.serve.request_timeout_s,
+                                    max_loras=settings.engine.max_loras)
             await reconciler.start()
             stack.push_async_callback(reconciler.stop)
             if engine is not None:

@@ -77,9 +77,9 @@ async def world(tmp_path):
     def new_version() -> str:
         return add_version(registry, tmp_path / "adapters")
 
-    def gateway() -> tuple[AliasTable, Reconciler]:
+    def gateway(**kwargs) -> tuple[AliasTable, Reconciler]:
         router = Router(settings.serve.aliases, base=settings.engine.served_name, registry=registry)
-        return router.table, Reconciler(router, client, ENGINE)
+        return router.table, Reconciler(router, client, ENGINE, **kwargs)
 
     yield registry, engine, new_version, gateway
     await client.aclose()
@@ -172,6 +172,22 @@ async def test_rollback_brings_the_previous_version_back(world):
     assert engine.calls == []  # v1 stayed loaded: the rollback is a flip, no load, no warm-up
     registry.rollback("chat")
     assert await rec.reconcile() == {"chat": "base"}
+
+
+async def test_candidates_are_loaded_ahead_of_promotion_while_slots_are_spare(world):
+    registry, engine, new_version, gateway = world
+    _, rec = gateway(max_loras=2)
+    v1, v2, v3 = new_version(), new_version(), new_version()
+    await rec.reconcile()
+    assert set(engine.loaded) == {v3, v2} and rec.staged == {v3, v2}  # the two newest; the oldest waits for a slot
+    engine.calls.clear()
+    registry.promote(v2)
+    assert await rec.reconcile() == {"chat": v2} and ("load", v2) not in engine.calls  # a flip, not a load
+    assert rec.staged == {v3} and set(engine.loaded) == {v2, v3}  # one slot left: v1 is still not loaded
+    registry.reject(v3)
+    await rec.reconcile()
+    await asyncio.sleep(0.1)
+    assert set(engine.loaded) == {v2, v1} and rec.staged == {v1}  # the rejected one left; v1 got its slot
 
 
 async def test_vanished_adapter_folder_keeps_the_current_version(world, caplog, tmp_path):

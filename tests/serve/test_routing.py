@@ -102,12 +102,15 @@ def test_targets_follow_config_and_the_prod_pointer(registry, tmp_path, caplog):
                     base="base", registry=registry)
     with caplog.at_level(logging.ERROR, logger="tunewheel.routing"):
         targets = router.targets()
-    assert targets["chat"] == Target("base")  # nothing promoted yet: the base model answers
+    staged = (Target(v2, registry.get(v2).path), Target(v1, registry.get(v1).path))  # candidates, newest first
+    assert targets["chat"] == Target("base", staged=staged)  # nothing promoted yet: the base model answers
     assert targets["plain"] == Target("base")
     assert targets["fixed"] == Target(v2, registry.get(v2).path)
     assert targets["gone"] == Target("base") and "chat-v0099" in caplog.text
     registry.promote(v1)
-    assert router.targets()["chat"] == Target(v1, registry.get(v1).path)
+    assert router.targets()["chat"] == Target(v1, registry.get(v1).path, staged=staged[:1])
+    registry.reject(v2)
+    assert router.targets()["chat"].staged == ()
 
 
 def test_a_style_is_restyled_by_its_promoted_restyler(registry, tmp_path):

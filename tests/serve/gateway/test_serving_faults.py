@@ -104,8 +104,8 @@ async def test_an_adapter_the_engine_lost_is_a_503_and_is_reloaded(setup, upstre
 async def test_an_admin_promotion_the_engine_refuses_leaves_production_and_shows_in_metrics(setup, tmp_path):
     gw, engine = setup
     good, bad = register(gw, tmp_path), register(gw, tmp_path)
+    engine.refuse.add(bad)  # before any pass: it is not loaded ahead of its promotion either
     assert (await gw.client.post(f"/admin/adapters/{good}/promote", headers=ADMIN)).status_code == 200
-    engine.refuse.add(bad)
     r = await gw.client.post(f"/admin/adapters/{bad}/promote", headers=ADMIN)
     assert r.status_code == 409 and "size mismatch" in r.text and f"production stays on {good}" in r.text
     assert gw.registry.prod().name == good and gw.router.table.resolve("chat") == good
