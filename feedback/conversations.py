@@ -25,7 +25,7 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import func, insert
 from sqlmodel import Session, select
 
 from feedback.models import Conversation, Turn, TurnCreate
@@ -107,24 +107,26 @@ def add_turn(session: Session, turn: TurnCreate) -> Turn | None:
 def add_turns(session: Session, turns: list[TurnCreate]) -> None:
     """`add_turn` for a batch of turns none of which is stored yet (the turn writer's), in fewer
     statements: a turn that starts a conversation (no `x-conversation-id`, no assistant message
-    before its question: most chat turns) needs no lookup, so those go in two flushes, their
-    conversations and then themselves, before the others are threaded one by one in order (they
-    may continue one of them). Conversations and turns are flushed apart because the database
-    checks the turn's foreign key and the ORM, with no relationship between the two, does not
-    order their inserts."""
+    before its question: most chat turns) needs no lookup, so those go in two bulk inserts, their
+    conversations and then themselves (Core, not ORM objects: no unit of work per row), before the
+    others are threaded one by one in order (they may continue one of them)."""
     fresh = [t for t in turns if not t.conversation_id and _prefix_hash(t.request_messages) is None]
     if fresh:
         cids = [uuid.uuid4().hex for _ in fresh]
-        session.add_all([Conversation(id=cid, created_at=t.created_at, key_hash=t.key_hash) for cid, t in zip(cids, fresh)])
-        session.flush()
-        session.add_all([_row(t, cid, 0) for cid, t in zip(cids, fresh)])
-        session.flush()
+        session.execute(insert(Conversation), [{"id": cid, "created_at": t.created_at, "key_hash": t.key_hash}
+                                               for cid, t in zip(cids, fresh)])
+        session.execute(insert(Turn), [_values(t, cid, 0) for cid, t in zip(cids, fresh)])
     started = {id(t) for t in fresh}
     for turn in turns:
         if id(turn) not in started:
             add_turn(session, turn)
 
 
-def _row(turn: TurnCreate, cid: str, seq: int) -> Turn:
+def _values(turn: TurnCreate, cid: str, seq: int) -> dict[str, Any]:
+    """The stored row's columns: the turn as validated on its way in, threaded."""
     answered = [*turn.request_messages, {"role": "assistant", "content": turn.answer}]
-    return Turn.model_validate(turn, update={"conversation_id": cid, "seq": seq, "thread_hash": thread_hash(answered)})
+    return {**turn.model_dump(), "conversation_id": cid, "seq": seq, "thread_hash": thread_hash(answered)}
+
+
+def _row(turn: TurnCreate, cid: str, seq: int) -> Turn:
+    return Turn.model_validate(_values(turn, cid, seq))

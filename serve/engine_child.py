@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from learn.children import child_env
+from serve.lora_ops import ENV as LORA_OPS_ENV
 from serve.settings import Settings
 
 STOP_GRACE_S = 15.0
@@ -119,6 +120,8 @@ def engine_env(settings: Settings, device: str, base: dict[str, str] | None = No
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine.kv_cache_gib)
         env["VLLM_CPU_OMP_THREADS_BIND"] = settings.engine.cpu_threads_bind or _all_cores()
+        if settings.engine.grouped_lora:
+            env[LORA_OPS_ENV] = "grouped"  # serve/lora_ops.py
     return env
 
 

@@ -180,6 +180,8 @@ class EngineSettings(BaseModel):
     max_lora_rank: int | None = Field(None, description="vLLM --max-lora-rank; default: the smallest size vLLM accepts "
                                       "that holds learn.train.rank. A larger capacity than the adapters need makes every "
                                       "adapter request slower (measured on CPU: 64 for rank-16 adapters, 0.12x the base speed).")
+    grouped_lora: bool = Field(True, description="CPU: apply each LoRA with one matrix product per adapter in the batch "
+                               "(serve/lora_ops.py, a vLLM plugin) in place of vLLM's per-token weight gather; false: vLLM's own.")
     dtype: str = Field("auto", description="vLLM --dtype; auto means float32 on CPU (bf16 is off the AVX2 fast path), bfloat16 on GPU.")
     kv_cache_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     cpu_threads_bind: str | None = Field(None, description="VLLM_CPU_OMP_THREADS_BIND; default 0-(ncpu-1).")
