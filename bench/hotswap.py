@@ -38,16 +38,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_random_adapter(base_model: str, out_dir: Path, *, rank: int = 8, seed: int = 0) -> Path:
-    """A LoRA adapter folder for `base_model` with random weights (B nonzero, so it really changes answers)."""
+def make_random_adapter(base_model: str, out_dir: Path, *, rank: int = 8, seed: int = 0, alpha: int | None = None,
+                        target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A LoRA adapter folder for `base_model` with random weights, B included (peft's "gaussian"
+    init leaves B at zero, an adapter that changes nothing), so it really changes answers."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_model, torch_dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(target_modules), init_lora_weights="gaussian")
     peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.01)
     peft_model.save_pretrained(str(out_dir))
     return out_dir
 

@@ -51,16 +51,10 @@ def long_requests(n: int) -> list[dict]:
 
 def make_adapter(settings, out: Path) -> Path:
     """A LoRA of the learner's shape (rank, alpha, target modules) with random, nonzero weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from bench.hotswap import make_random_adapter
 
     t = settings.learn.train
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(settings.base_model_path(), dtype=torch.float32)
-    config = LoraConfig(r=t.rank, lora_alpha=t.alpha, target_modules=list(t.target_modules), init_lora_weights="gaussian")
-    get_peft_model(model, config).save_pretrained(str(out))
-    return out
+    return make_random_adapter(settings.base_model_path(), out, rank=t.rank, alpha=t.alpha, target_modules=tuple(t.target_modules))
 
 
 async def timed(url: str, model: str, requests: list[dict], in_flight: int) -> dict:
