@@ -114,9 +114,9 @@ def demo_rows(since: float | None) -> list[Row]:
             continue
         gain = d.get("gain_f1")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime))
-        target = "<= 12 min, F1 gain >= +0.39" if name == "seeded" else "faster by the same means"
+        target = "<= 12 min, F1 gain >= +0.39" if name == "seeded" else "<= 12 min, as the seeded one"
         # the issue quotes today's gain as +0.39: compared at the two decimals it gives
-        ok = d["minutes"] <= 12 and round(gain or 0, 2) >= 0.39 if name == "seeded" else None
+        ok = d["minutes"] <= 12 and (round(gain or 0, 2) >= 0.39 if name == "seeded" else True)
         rows.append(Row(f"{what} wall time", f"{d['minutes']:.1f} min, held-out F1 {gain:+.3f} (run {when})"
                         if gain is not None else f"{d['minutes']:.1f} min (run {when})", target, ok, f"demo-results/{name}"))
     return rows
