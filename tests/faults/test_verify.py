@@ -19,7 +19,8 @@ def clean_run() -> Run:
         Outcome(4, True, 40.0, 41.0, 200, "chatcmpl-b"),
     ]
     run.logged_ids = {"chatcmpl-a", "chatcmpl-b"}
-    run.probes = [(1.0, 0.01, 200), (32.0, 0.0, None), (50.0, 0.9, 200)]
+    # (29.99, 0.01): sent just before the SIGKILL, its connection died with the gateway
+    run.probes = [(1.0, 0.01, 200), (29.99, 0.01, None), (32.0, 0.0, None), (50.0, 0.9, 200)]
     run.pending = [(64.0, 40.0), (66.0, 3.0)]
     return run
 
@@ -42,13 +43,13 @@ def test_every_broken_promise_is_named():
         Outcome(7, False, 52.0, 52.1, 503, retry_after="5"),      # a 503 while the engine was up
         Outcome(8, True, 53.0, 54.0, 200, None, error="ReadError"),  # broken off for no reason
     ]
-    run.probes += [(55.0, 1.2, 200), (56.0, 1.0, None)]
+    run.probes += [(55.0, 1.2, 200), (56.0, 1.0, None), (29.0, 0.5, None)]  # the last failed before the kill
     problems = verify(run)
     assert problems[0].startswith("1 of 2 answered turns are not in the log")
     assert any("a 500" in p for p in problems) and any("a 503 (Retry-After None)" in p for p in problems)
     assert any("503 at 52.0 s while the engine was up" in p for p in problems)
     assert any("broken off (ReadError) at 53.0 s" in p for p in problems)
-    assert sum("/health at" in p for p in problems) == 2
+    assert sum("/health at" in p for p in problems) == 3
 
 
 def test_metric_reads_one_series_of_an_exposition():
