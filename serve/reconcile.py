@@ -82,7 +82,7 @@ class Reconciler:
         self.engine_url = self.pool.key
         self._paths: dict[str, str] = {}  # version -> the folder it was loaded from, for replicas that rejoin
         self.base_name = router.base
-        self.drain_timeout_s = drain_timeout_s
+        self.drain_timeout_s, self.max_loras = drain_timeout_s, max_loras
         if leases is None and self.registry is not None:
             leases = ReplicaLeases(self.registry.db, engine_url=self.engine_url)
         self.leases = leases
@@ -95,7 +95,6 @@ class Reconciler:
         self._beat: tuple[float, set[str] | None] = (0.0, None)  # when this replica last told the registry, and what
         self.off_target: dict[str, str] = {}  # alias -> the target it should serve but cannot
         self.standby: set[str] = set()  # the versions a rollback would reach: kept loaded, not served
-        self.max_loras = max_loras
         self.staged: set[str] = set()  # candidates loaded ahead of a promotion (Target.staged): kept loaded, not served
         self._unstageable: set[str] = set()  # candidates that would not load: left to the promotion to report
         self._task: asyncio.Task | None = None
@@ -150,13 +149,15 @@ class Reconciler:
 
     async def _stage(self, targets: dict[str, Target], keep: set[str]) -> set[str]:
         """Load the candidates a promotion may pick next into the LoRA slots left after `keep` and the pinned versions."""
-        spare = (self.max_loras or 0) - len((keep | set(self._pinned_used)) - {self.base_name})
+        taken = keep | set(self._pinned_used)
+        spare = (self.max_loras or 0) - len(taken - {self.base_name})
         staged: set[str] = set()
         for candidate in (c for t in targets.values() for c in t.staged if c.path is not None):
-            if spare <= 0 or candidate.version in keep | set(self._pinned_used) | self._unstageable:
+            if len(staged) >= spare or candidate.version in taken | self._unstageable:
                 continue
-            try:
-                await self.load(candidate.version, candidate.path)
+            try:  # one staged before and still loaded needs no call (pool.verify checks the replicas each pass)
+                if candidate.version not in self.staged & self.table.loaded:
+                    await self.load(candidate.version, candidate.path)
             except AdapterLoadError as exc:  # its promotion, if one is asked for, says why
                 self._unstageable.add(candidate.version)
                 log.info("candidate %s is not loaded ahead of a promotion: %s", candidate.version, exc)
@@ -165,7 +166,6 @@ class Reconciler:
                 break
             self._owned.add(candidate.version)
             staged.add(candidate.version)
-            spare -= 1
         return staged
 
     async def rejoin(self, replica: Replica) -> None:
