@@ -33,7 +33,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / ".pytest-data" / "models" / "SmolLM2-135M-Instruct"
 RESULTS = ROOT / "bench" / "results" / "curation.json"
 TARGET_TURNS_PER_S = 10_000
 
@@ -189,11 +188,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--turns", type=int, default=100_000)
     parser.add_argument("--small", type=int, default=10_000)
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="Base model folder (its tokenizer counts tokens).")
+    parser.add_argument("--model", help="Base model folder (its tokenizer counts tokens); default: the one "
+                        "`tunewheel model prepare` made, as `make bench` runs it.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-pii", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model is None:
+        sys.path.insert(0, str(ROOT))
+        from serve.settings import load_settings
+
+        args.model = load_settings().base_model_path()
     if args.child:
         print(json.dumps(child(args.child, args.model, args.traced, pii=not args.no_pii)))
         return

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from learn.train import TrainConfig, train  # noqa: E402
 from learn.train_data import encode  # noqa: E402
+from serve.settings import load_settings  # noqa: E402
 
-DEFAULT_MODEL = REPO / ".pytest-data" / "models" / "SmolLM2-135M-Instruct"
 NAMES = ["Ada", "Tom", "Maria", "Kofi", "Lena", "Ravi", "Ines", "Sam"]
 PLACES = ["the harbour", "a small farm", "the old mill", "the market", "a hill village", "the train station"]
 THINGS = ["goats", "apple trees", "boats", "lanterns", "bicycles", "beehives"]
@@ -131,7 +131,7 @@ def head_share(model: Path, recipe: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, help="default: the one `tunewheel model prepare` made")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=384)
@@ -141,6 +141,7 @@ def main() -> None:
                              "keeps while an engine is busy)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_throughput.json")
     args = parser.parse_args()
+    args.model = args.model or Path(load_settings().base_model_path())
     if not (args.model / "config.json").is_file():
         sys.exit(f"no model at {args.model}: run `tunewheel model prepare` or pass --model")
 

@@ -14,9 +14,9 @@ requests in flight); every error leaves as an OpenAI error object, FastAPI's and
 and the limits in force (serve/gateway/openapi.py).
 
 `create_app` builds nothing that does I/O. The lifespan (`serving`) opens the database
-(`store_url`, migrated) and the turn writer unless one was passed, one pooled
-`httpx.AsyncClient` for the app's lifetime and, with a registry, the hot-swap reconciler and
-the restyle step; it puts them together into one `GatewayState` (state.py), the only thing
+(`store_url`, migrated) and the turn writer unless one was passed, one pooled engine client
+(`httpx.AsyncClient` over aiohttp, serve/http.py) for the app's lifetime and, with a registry,
+the hot-swap reconciler and the restyle step; it puts them together into one `GatewayState` (state.py), the only thing
 routes read. On shutdown it stops the reconciler and closes the writer, which writes pending
 turns to the database for up to `store.spool.drain_timeout_s`; the rest stays in the spool
 (feedback/spool.py) and the next start writes it first. `converger(app)` is the learner's "make serving converge now" when it runs
@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -49,6 +48,7 @@ from serve.gateway.protocol import APIError
 from serve.gateway.relay import TurnRecorder
 from serve.gateway.restyle import RestyleStep
 from serve.gateway.state import GatewayState
+from serve.http import engine_client
 from serve.pool import EnginePool
 from serve.reconcile import Reconciler
 from serve.routing import Router
@@ -135,9 +135,7 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
             writer = await asyncio.to_thread(make_writer, settings)
         # Runs last, after in-flight streams are logged; bounded: what is left waits in the spool.
         stack.push_async_callback(asyncio.to_thread, writer.close, settings.store.spool.drain_timeout_s)
-        http = await stack.enter_async_context(httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=256),
-            timeout=httpx.Timeout(settings.serve.request_timeout_s, connect=5.0), trust_env=False))
+        http = await stack.enter_async_context(engine_client(settings.serve.request_timeout_s))
         if engine is None and settings.engine.pooled:  # replicas, probed by the pool
             engines = EnginePool.attached(settings, http)
             await engines.start()

@@ -46,6 +46,7 @@ from serve.gateway.auth import Caller
 from serve.gateway.protocol import APIError, ChatCompletionRequest, engine_payload, not_ready, upstream_error
 from serve.gateway.relay import InFlight, Relay, RelayResponse, TurnRecorder, rejected
 from serve.gateway.restyle import RestyleStep
+from serve.http import post_json
 from serve.pool import EnginePool, Replica
 from serve.routing import BASE_NAME, PINNED_PREFIX, NotServed, Route, Router, UnknownModel, conversation_key, pinned_version
 
@@ -199,9 +200,9 @@ class ChatService:
 
     async def _post(self, replica: Replica, payload: dict[str, Any], flight: InFlight, *, last: bool) -> httpx.Response | None:
         """One try on `replica`: its 200 response, or None when the request should be tried again."""
-        request = self.http.build_request("POST", f"{replica.url}/v1/chat/completions", json=payload, timeout=self.timeout)
         try:
-            response = await self.http.send(request, stream=bool(payload.get("stream")))
+            response = await post_json(self.http, f"{replica.url}/v1/chat/completions", payload, self.timeout,
+                                       stream=bool(payload.get("stream")))
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # no response: refused, or the connection broke
             if isinstance(exc, httpx.ConnectError):  # refused: that replica is down (or restarting)
                 self.engines.failed(replica, f"{type(exc).__name__}: {exc}")

@@ -33,9 +33,13 @@ def upstream():
 
 
 @pytest.fixture
-async def make_gw(tmp_path):
-    """make_gw(registry=False, **settings overrides) -> running app with an httpx client on it."""
+async def make_gw(tmp_path, monkeypatch):
+    """make_gw(registry=False, **settings overrides) -> running app with an httpx client on it.
+    Its engine client is httpx's own transport, which respx fakes; the aiohttp one the gateway
+    runs with (serve/http.py) has its own tests against real servers (tests/serve/test_http.py)."""
     stack = []
+    monkeypatch.setattr("serve.gateway.app.engine_client", lambda timeout_s: httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_s, connect=5.0), trust_env=False))
 
     async def make(*, registry: bool = False, **overrides):
         settings = load_settings(None, data_dir=tmp_path / f"gw{len(stack)}", engine={"url": ENGINE},
