@@ -138,13 +138,15 @@ async def test_a_connection_closed_before_the_answer_is_a_remote_protocol_error(
             await client.post(f"{url}/v1/chat/completions", json={})
 
 
-async def test_an_answer_cut_short_is_a_remote_protocol_error():
-    async def cut(reader, writer):
-        await read_request(reader)
-        writer.write(response(b'{"choices": [{"message": {"content": "a long answer"}}]}')[:-10])
-        await writer.drain()
+async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers with all but the last 10 bytes of its body, then closes the connection."""
+    await read_request(reader)
+    writer.write(response(b'{"choices": [{"message": {"content": "a long answer"}}]}')[:-10])
+    await writer.drain()
 
-    async with Server(cut) as url, engine_client(5) as client:
+
+async def test_an_answer_cut_short_is_a_remote_protocol_error():
+    async with Server(cut_short) as url, engine_client(5) as client:
         with pytest.raises(httpx.RemoteProtocolError):
             await client.post(f"{url}/v1/chat/completions", json={})
 
@@ -228,12 +230,7 @@ async def test_post_json_leaves_a_stream_to_read():
 
 async def test_post_json_raises_a_broken_whole_answer_itself():
     """A non-streamed answer cut short fails in the call, where the chat path tries it again."""
-    async def cut(reader, writer):
-        await read_request(reader)
-        writer.write(response(b'{"choices": []}')[:-5])
-        await writer.drain()
-
-    async with Server(cut) as url, engine_client(5) as client:
+    async with Server(cut_short) as url, engine_client(5) as client:
         with pytest.raises(httpx.RemoteProtocolError):
             await post_json(client, f"{url}/x", {}, TIMEOUT, stream=False)
         with pytest.raises(httpx.ConnectError):
