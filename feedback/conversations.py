@@ -108,14 +108,15 @@ def add_turns(session: Session, turns: list[TurnCreate]) -> None:
     """`add_turn` for a batch of turns none of which is stored yet (the turn writer's), in fewer
     statements: a turn that starts a conversation (no `x-conversation-id`, no assistant message
     before its question: most chat turns) needs no lookup, so those go in two bulk inserts, their
-    conversations and then themselves (Core, not ORM objects: no unit of work per row), before the
+    conversations and then themselves (Core inserts into the tables, not ORM objects or ORM bulk
+inserts: no per-row ORM bookkeeping), before the
     others are threaded one by one in order (they may continue one of them)."""
     fresh = [t for t in turns if not t.conversation_id and _prefix_hash(t.request_messages) is None]
     if fresh:
         cids = [uuid.uuid4().hex for _ in fresh]
-        session.execute(insert(Conversation), [{"id": cid, "created_at": t.created_at, "key_hash": t.key_hash}
-                                               for cid, t in zip(cids, fresh)])
-        session.execute(insert(Turn), [_values(t, cid, 0) for cid, t in zip(cids, fresh)])
+        session.execute(insert(Conversation.__table__), [{"id": cid, "created_at": t.created_at, "key_hash": t.key_hash}
+                                                         for cid, t in zip(cids, fresh)])
+        session.execute(insert(Turn.__table__), [_values(t, cid, 0) for cid, t in zip(cids, fresh)])
     started = {id(t) for t in fresh}
     for turn in turns:
         if id(turn) not in started:

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes = (time.monotonic() - t_start) / 60
         best = max((c["heldout"]["f1"] for c in cycles if c["outcome"] == "promoted"), default=base["f1"])
         result = json.dumps({"base": base, "rounds": rounds, "cycles": cycles, "minutes": minutes, "gain_f1": best - base["f1"],
-                             "args": vars(args)}, indent=2, default=str)
+                             "finished_at": time.time(), "args": vars(args)}, indent=2, default=str)
         (DEMO_DIR / "demo_result.json").write_text(result)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)  # kept across demos, for bench/summary.py
         (RESULTS_DIR / f"{'seeded' if args.seeded else 'default'}.json").write_text(result)

@@ -98,21 +98,32 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return await self._send(request.method, str(request.url), request.headers.multi_items(), body or None,
                                 request.extensions.get("timeout", {}), request)
 
-    async def post_json(self, url: str, body: bytes, timeout: dict[str, float | None]) -> httpx.Response:
-        """POST `body` (JSON) to `url`, without an `httpx.Request` built first; the response's body
-        is not read yet."""
-        return await self._send("POST", url, JSON_HEADERS, body, timeout, None)
+    async def post_json(self, url: str, body: bytes, timeout: dict[str, float | None], *, read: bool) -> httpx.Response:
+        """POST `body` (JSON) to `url`, without an `httpx.Request` built first. `read`: the whole
+        response body is read here, by aiohttp (not through httpx's byte-stream layers); else it
+        is left to read."""
+        return await self._send("POST", url, JSON_HEADERS, body, timeout, None, read=read)
 
     async def _send(self, method: str, url: str, headers: Any, body: bytes | None, timeout: dict[str, float | None],
-                    request: httpx.Request | None) -> httpx.Response:
+                    request: httpx.Request | None, *, read: bool = False) -> httpx.Response:
         with _httpx_errors(request):
             response = await self._open().request(
                 method, url, headers=headers, data=body, allow_redirects=False, compress=False,
                 timeout=aiohttp.ClientTimeout(total=None, connect=timeout.get("pool"),
                                               sock_connect=timeout.get("connect"), sock_read=timeout.get("read")))
+            if read:
+                try:
+                    content = await response.read()
+                except BaseException:  # cut off or cancelled mid-body: that connection is not reused
+                    response.close()
+                    raise
+                response.release()
         extensions = {"http_version": b"HTTP/1.1"}
         if response.reason:
             extensions["reason_phrase"] = response.reason.encode()
+        if read:
+            return httpx.Response(response.status, headers=response.raw_headers, content=content, request=request,
+                                  extensions=extensions)
         return httpx.Response(response.status, headers=response.raw_headers, stream=_Body(response, request),
                               request=request, extensions=extensions)
 
@@ -131,14 +142,7 @@ async def post_json(client: httpx.AsyncClient, url: str, payload: dict[str, Any]
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
     transport = client._transport  # noqa: SLF001 (the client's mounted transport; httpx has no public name)
     if isinstance(transport, AiohttpTransport):
-        response = await transport.post_json(url, body, timeout.as_dict())
-        if not stream:
-            try:
-                await response.aread()
-            except BaseException:
-                await response.aclose()
-                raise
-        return response
+        return await transport.post_json(url, body, timeout.as_dict(), read=not stream)
     request = client.build_request("POST", url, content=body, headers=JSON_HEADERS, timeout=timeout)
     return await client.send(request, stream=stream)  # another transport (respx's, in the gateway's tests)
 

@@ -34,16 +34,17 @@ pinned version the engine would not load is a 503 that names the version, never 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import httpx
-from fastapi.responses import JSONResponse, Response
+import orjson
+from fastapi.responses import Response
 
 from serve.gateway.auth import Caller
-from serve.gateway.protocol import APIError, ChatCompletionRequest, engine_payload, not_ready, upstream_error
+from serve.gateway.protocol import (APIError, ChatCompletionRequest, engine_payload, json_response, not_ready,
+                                   upstream_error)
 from serve.gateway.relay import InFlight, Relay, RelayResponse, TurnRecorder, rejected
 from serve.gateway.restyle import RestyleStep
 from serve.http import post_json
@@ -124,7 +125,7 @@ class ChatService:
                              finish_reason=choice.get("finish_reason"), usage=data.get("usage") or {}, ttft=None,
                              status="ok")
         await self.recorder.durable(flight)
-        return JSONResponse(data, headers={"x-tunewheel-adapter": route.version})
+        return json_response(data, headers={"x-tunewheel-adapter": route.version})
 
     async def _route(self, model: str, conversation_id: str | None, caller: Caller, body: dict[str, Any]) -> Route:
         """The router's decision; 404 listing the names this caller may use. While the alias has a
@@ -236,7 +237,7 @@ class ChatService:
         """A whole (non-streamed) answer as JSON; 502 when it cannot be read."""
         try:
             try:
-                return json.loads(await response.aread())
+                return orjson.loads(await response.aread())
             except (ValueError, httpx.HTTPError) as exc:
                 raise APIError(502, f"the engine's answer could not be read: {exc}", type="engine_error") from exc
             finally:

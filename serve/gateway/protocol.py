@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 class APIError(Exception):
@@ -82,17 +84,31 @@ async def read_json(request: Request, limit: int, *, max_depth: int = JSON_DEPTH
             raise APIError(413, f"request body is over the limit of {limit} bytes (serve.max_request_bytes)",
                            code="request_too_large")
         chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:  # orjson for the bodies it takes; anything it refuses gets the stdlib's exact verdict and message
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = _strict_loads(raw, max_depth)
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    check_values(body, max_depth)
+    return body
+
+
+def _strict_loads(raw: bytes, max_depth: int) -> Any:
+    """The stdlib's parse: NaN and Infinity refused, lone surrogates kept for `check_values` to name."""
     try:
-        body = json.loads(b"".join(chunks), parse_constant=_not_json)
+        return json.loads(raw, parse_constant=_not_json)
     except RecursionError as exc:
         raise APIError(400, f"the body nests deeper than {max_depth} levels (serve.limits.max_json_depth)",
                        code="invalid_json") from exc
     except ValueError as exc:
         raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    check_values(body, max_depth)
-    return body
+
+
+def json_response(data: dict[str, Any], *, headers: dict[str, str] | None = None) -> Response:
+    """`JSONResponse(data)` encoded by orjson: the same compact UTF-8 bytes, several times faster."""
+    return Response(orjson.dumps(data), media_type="application/json", headers=headers)
 
 
 def is_json(content_type: str | None) -> bool:

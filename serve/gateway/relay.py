@@ -28,7 +28,6 @@ was said so far, with status `incomplete` unless the engine finished, however th
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -38,6 +37,7 @@ from typing import Any
 
 import anyio
 import httpx
+import orjson
 from fastapi.responses import StreamingResponse
 
 from feedback.models import TurnCreate, utcnow
@@ -50,7 +50,7 @@ log = logging.getLogger("tunewheel.gateway")
 
 def sse(data: Any) -> bytes:
     """One server-sent event."""
-    return f"data: {json.dumps(data)}\n\n".encode()
+    return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
 def rejected(status: int | str, route: Route | None = None) -> None:
@@ -194,7 +194,7 @@ class Relay:
                         self.status = "ok"
                     yield await self.done()
                     break
-                out = self.relabel(json.loads(data))
+                out = self.relabel(orjson.loads(data))
                 if out is not None:
                     yield sse(out)
         except httpx.HTTPError as exc:  # the engine broke off mid-stream
