@@ -96,6 +96,7 @@ class TurnWriter:
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self._stop = threading.Event()
         self._hurry = threading.Event()  # someone waits for a turn to be written: no linger
+        self._flushing = 0  # threads in `flush` (and `close`), which hurry the writer until they return
         self._thread: threading.Thread | None = None
         self._closed = False
         self._on_pending(self.pending)
@@ -158,9 +159,13 @@ class TurnWriter:
         """Block until every submitted turn is in the database (or quarantined); False if
         `timeout` passed first."""
         self.start()
-        self._hurry.set()
         with self._idle:
-            return self._idle.wait_for(lambda: not self._pending, timeout)
+            self._flushing += 1
+            self._hurry.set()
+            try:
+                return self._idle.wait_for(lambda: not self._pending, timeout)
+            finally:
+                self._flushing -= 1
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop taking turns, write what is pending for up to `timeout` seconds, stop. True when
@@ -191,7 +196,7 @@ class TurnWriter:
                     records += self.spool.read(self.batch_size - len(records), timeout=0)
             if records:
                 with self._lock:
-                    if not self._waiters:
+                    if not self._waiters and not self._flushing:
                         self._hurry.clear()
                 if not self._drain(self.spool, records):
                     return

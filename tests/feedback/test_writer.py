@@ -52,6 +52,17 @@ def test_flush_and_close_work_on_a_writer_never_started(db):
         writer.submit(turn("t3", [user("hi")], "hello"))
 
 
+def test_a_flush_is_not_kept_waiting_by_the_linger_of_its_small_batches(db, tmp_path):
+    # 5 turns in batches of 2: the last batch is small, and a writer that lingers a minute for
+    # more turns would keep the flush waiting; a flush hurries every batch until it returns
+    writer = TurnWriter(db, tmp_path / "spool", batch_size=2, linger_s=60)
+    for fut in [writer.submit(turn(f"t{i}", [user(f"question {i}")], f"answer {i}")) for i in range(5)]:
+        fut.result(timeout=30)  # spooled before the writer starts: it finds a backlog
+    assert writer.flush(timeout=20)
+    assert count_turns(db) == 5
+    assert writer.close(timeout=20)
+
+
 async def test_asubmit_returns_once_spooled_and_wait_written_once_stored(db):
     writer = TurnWriter(db)  # not started: the turn reaches the spool, not the database
     await writer.asubmit(turn("t1", [user("hi")], "hello"))
