@@ -109,8 +109,8 @@ def add_turns(session: Session, turns: list[TurnCreate]) -> None:
     statements: a turn that starts a conversation (no `x-conversation-id`, no assistant message
     before its question: most chat turns) needs no lookup, so those go in two bulk inserts, their
     conversations and then themselves (Core inserts into the tables, not ORM objects or ORM bulk
-inserts: no per-row ORM bookkeeping), before the
-    others are threaded one by one in order (they may continue one of them)."""
+    inserts: no per-row ORM bookkeeping), before the others are threaded one by one in order
+    (they may continue one of them)."""
     fresh = [t for t in turns if not t.conversation_id and _prefix_hash(t.request_messages) is None]
     if fresh:
         cids = [uuid.uuid4().hex for _ in fresh]

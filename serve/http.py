@@ -121,11 +121,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         extensions = {"http_version": b"HTTP/1.1"}
         if response.reason:
             extensions["reason_phrase"] = response.reason.encode()
-        if read:
-            return httpx.Response(response.status, headers=response.raw_headers, content=content, request=request,
-                                  extensions=extensions)
-        return httpx.Response(response.status, headers=response.raw_headers, stream=_Body(response, request),
-                              request=request, extensions=extensions)
+        body_or_stream = {"content": content} if read else {"stream": _Body(response, request)}
+        return httpx.Response(response.status, headers=response.raw_headers, request=request, extensions=extensions,
+                              **body_or_stream)
 
     async def aclose(self) -> None:
         if self._session is not None:
