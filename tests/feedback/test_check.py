@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from feedback.check import ChatDataError, check_file, load_token_counter, read_examples, read_preferences, validate_messages
 from serve.cli import app as tunewheel_app
 
-MODEL = Path(__file__).resolve().parents[2] / ".pytest-data" / "models" / "SmolLM2-135M-Instruct"
 GOOD = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
 
@@ -99,12 +98,11 @@ def test_token_limit_with_a_fake_counter(tmp_path):
     assert report.tokens == 2 and report.examples == 1
 
 
-@pytest.mark.skipif(not MODEL.is_dir(), reason="the prepared SmolLM2 model is not there")
-def test_real_tokenizer_counts_the_chat_template():
+def test_real_tokenizer_counts_the_chat_template(model_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(MODEL))
-    count = load_token_counter(MODEL)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    count = load_token_counter(model_dir)
     conversation = [{"role": "system", "content": "Read the story.\nStory: Anna lived in Oakdale."}]
     for i in range(6):
         conversation += [{"role": "user", "content": f"Question {i}: where did Anna live?"}, {"role": "assistant", "content": "Oakdale"}]
@@ -146,16 +144,15 @@ def test_token_limit_refuses_the_same_lines_in_check_and_trainer(tmp_path):
     assert len(read_examples(path, max_tokens=100, count_tokens=words)) == 2
 
 
-@pytest.mark.skipif(not MODEL.is_dir(), reason="the prepared SmolLM2 model is not there")
-def test_real_tokenizer_limit_gives_the_same_lines_in_check_and_trainer(tmp_path):
+def test_real_tokenizer_limit_gives_the_same_lines_in_check_and_trainer(tmp_path, model_dir):
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join([json.dumps(GOOD), line(("user", "tell me " * 200), ("assistant", "no")), "{oops"]) + "\n")
     config = tmp_path / "tunewheel.toml"
-    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[engine]\nmodel = "{MODEL}"\n[learn.train]\nmax_length = 64\n')
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[engine]\nmodel = "{model_dir}"\n[learn.train]\nmax_length = 64\n')
     result = CliRunner().invoke(tunewheel_app, ["data", "check", str(path), "--config", str(config)])
     assert result.exit_code == 1, result.output
     with pytest.raises(ChatDataError) as refused:
-        read_examples(path, max_tokens=64, count_tokens=load_token_counter(MODEL))
+        read_examples(path, max_tokens=64, count_tokens=load_token_counter(model_dir))
     lines = str(refused.value).splitlines()
     assert lines == printed_problems(result.output, path)
     assert [ln.split(":")[1] for ln in lines] == ["2", "3"] and "more than the limit of 64" in lines[0]
