@@ -26,7 +26,11 @@ in the gateway's process (`tunewheel serve --with-learner`).
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -131,6 +135,7 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
                   router: Router) -> AsyncIterator[GatewayState]:
     """Everything the routes need, started; stopped again in reverse order on exit."""
     async with AsyncExitStack() as stack:
+        start_worker_threads(asyncio.get_running_loop())
         if writer is None:
             writer = await asyncio.to_thread(make_writer, settings)
         # Runs last, after in-flight streams are logged; bounded: what is left waits in the spool.
@@ -161,6 +166,26 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
         yield GatewayState(settings=settings, auth=Auth.from_settings(settings), engine=engines, router=router,
                            chat=chat, writer=writer, registry=registry, reconciler=reconciler,
                            store_metrics=metrics.StoreMetrics(writer.engine), limits=Limits(settings.serve.limits))
+
+
+def start_worker_threads(loop: asyncio.AbstractEventLoop, workers: int | None = None) -> None:
+    """Give `loop` a default executor (`asyncio.to_thread`: every database call) whose threads are
+    all started now. A thread an executor adds later is started on the event loop, and
+    `Thread.start` blocks until the new thread runs: under load, with the database going away
+    (calls pile up, so the executor grows), that held the loop, /health included, for 0.7 s.
+    Once per loop; the loop's owner shuts the executor down (asyncio.run does)."""
+    if loop in _warmed:
+        return
+    workers = workers or min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's own default
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gateway-io")
+    met = threading.Barrier(workers)
+    for _ in range(workers):  # none is idle until all have met, so each submit starts a thread
+        executor.submit(met.wait, 60)
+    loop.set_default_executor(executor)
+    _warmed.add(loop)
+
+
+_warmed: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 def _reload_after_restart(stack: AsyncExitStack, engine: Any, reconciler: Reconciler) -> None:

@@ -127,3 +127,31 @@ async def test_an_admin_promotion_against_a_stale_expectation_is_refused(setup, 
     r = await gw.client.post(f"/admin/adapters/{v2}/promote?expected={v1}", headers=ADMIN)
     assert r.status_code == 409 and f"not {v1} as this promotion expected" in r.text
     assert (await gw.client.post(f"/admin/adapters/{v2}/promote?expected=base", headers=ADMIN)).status_code == 200
+
+
+def test_database_calls_never_start_a_thread_on_the_event_loop(monkeypatch):
+    """Thread.start blocks until the new thread runs; under load that held the loop (and /health)
+    for most of a second when the database went away and the executor grew (tests/faults)."""
+    import asyncio
+    import threading
+
+    from serve.gateway.app import start_worker_threads
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        start_worker_threads(loop, workers=4)
+        started_on_loop = []
+        start = threading.Thread.start
+
+        def recording(thread):
+            if threading.get_ident() == threading.main_thread().ident:
+                started_on_loop.append(thread.name)
+            start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", recording)
+        all_in = threading.Barrier(4)  # four calls at once, as when each waits on a database that is away
+        await asyncio.gather(*(asyncio.to_thread(all_in.wait, 10) for _ in range(4)))
+        monkeypatch.undo()  # asyncio.run's own shutdown starts a thread
+        return started_on_loop
+
+    assert asyncio.run(main()) == []
