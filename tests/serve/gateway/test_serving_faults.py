@@ -12,11 +12,14 @@ test is tests/serve/test_promotion_engine.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 
 import httpx
 import pytest
 
+from serve.gateway.app import start_worker_threads
 from serve.settings import hash_key
 from tests.serve.gateway.fakes import MESSAGES, vllm_answer
 
@@ -132,10 +135,6 @@ async def test_an_admin_promotion_against_a_stale_expectation_is_refused(setup, 
 def test_database_calls_never_start_a_thread_on_the_event_loop(monkeypatch):
     """Thread.start blocks until the new thread runs; under load that held the loop (and /health)
     for most of a second when the database went away and the executor grew (tests/faults)."""
-    import asyncio
-    import threading
-
-    from serve.gateway.app import start_worker_threads
 
     async def main() -> list[str]:
         loop = asyncio.get_running_loop()
