@@ -29,7 +29,8 @@ What it does:
   the LM head computed only at the scored positions.
 - LoRA through peft (QLoRA 4-bit nf4 on CUDA when asked), AdamW, a transformers scheduler with
   warmup per stage, gradient accumulation and clipping, validation loss each epoch, early stopping,
-  the best epoch of each stage kept. fp32 on CPU, bf16 on CUDA.
+  the best epoch of each stage kept. On CPU the weights are fp32 and the forward passes bf16 autocast where the CPU
+  has bf16 instructions (`precision`), the LM head and the losses in fp32; on CUDA bf16.
 - writes the adapter (`adapter_config.json`, `adapter_model.safetensors`) plus `report.json` and
   `loss.png` (one panel per stage) to `<out_dir>.tmp-<pid>` and renames it to `out_dir` only when complete.
 """
@@ -37,6 +38,7 @@ What it does:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -75,6 +77,34 @@ def pick_device(config: TrainConfig) -> str:
     if config.qlora and device != "cuda":
         raise TrainError("qlora needs CUDA (bitsandbytes 4-bit): set qlora=false to train in fp32 on CPU")
     return device
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX): what bf16 autocast needs to beat fp32."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: stay with fp32
+        return False
+
+
+def pick_precision(config: TrainConfig, device: str) -> str:
+    """'bf16' or 'fp32', the forward passes' precision: on CUDA the base model's own bf16; on CPU as `precision` says."""
+    if device == "cuda":
+        return "bf16"
+    if config.precision == "auto":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return config.precision
+
+
+def forward_precision(precision: str, device: str):
+    """A context to run forward passes in: bf16 autocast on CPU (fp32 weights stay the master copy), else nothing."""
+    import torch
+
+    if device == "cpu" and precision == "bf16":
+        return functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def read_data(config: TrainConfig, base_model: str, stages: tuple[str, ...], files: StageFiles):
@@ -131,7 +161,7 @@ def adapter_state(model) -> dict:
 
 
 def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, steps_at: dict[int, int], started: float,
-            processes: int = 1) -> dict:
+            processes: int = 1, precision: str = "fp32") -> dict:
     """The run's figures: totals over the stages, the last stage's losses, and each stage's own. `threads` is per process;
     `examples_seen`: the training examples the steps were computed on, over all processes (each by exactly one)."""
     done = list(stage_metrics.values())
@@ -142,7 +172,7 @@ def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, steps
             "scored_tokens": sum(m["scored_tokens"] for m in done), "tokens_per_s": tokens / seconds if seconds else 0.0,
             "padding_fraction": 1 - tokens / cells if cells else 0.0, "examples": examples, "processes": processes,
             "examples_seen": sum(m["examples_seen"] for m in done),
-            "stages": stage_metrics, "skipped_stages": skipped, "device": device,
+            "stages": stage_metrics, "skipped_stages": skipped, "device": device, "precision": precision,
             "threads": max(steps_at, default=0), "steps_at_threads": {str(k): v for k, v in sorted(steps_at.items())},
             "train_seconds": seconds, "duration_s": time.time() - started}
 
@@ -168,6 +198,8 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
     device = pick_device(config)
     ranks = join(device, config.processes)  # alone, or this process's place in the group `accelerate launch` started
     device, tmp = ranks.device, Path(f"{out_dir}.tmp-{ranks.owner_pid}")
+    precision = pick_precision(config, device)
+    forward = forward_precision(precision, device)
     try:
         # -- setup: data first (a refused file costs no model load), then the model
         cores = CoreShare(config.threads, processes=ranks.world)
@@ -194,7 +226,8 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
             stage.encode(tokenizer)
             check_cut(config, stage.name, stage.train_set, stage.val_set)
             tick = time.perf_counter()
-            stage.prepare(model, from_base=fresh, ranks=ranks)
+            with forward():
+                stage.prepare(model, from_base=fresh, ranks=ranks)
             reference_s, fresh = time.perf_counter() - tick, False
             steps_per_epoch = math.ceil(math.ceil(len(stage.train_set) / config.batch_size) / config.grad_accum)
             total_steps = min(steps_per_epoch * config.epochs, config.max_steps or math.inf)
@@ -219,7 +252,8 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
                     step_loss, n_tokens, n_cells = 0.0, 0, 0
                     for examples in micro:
                         mine = ranks.shard(examples)  # alone: all of it
-                        out = stage.micro_loss(model, mine, ranks)
+                        with forward():
+                            out = stage.micro_loss(model, mine, ranks)
                         if out is None:  # no share of this micro-batch here
                             continue
                         loss = out[0] / n_units
@@ -238,7 +272,8 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / seconds:.0f}")
                 model.eval()
-                val_loss = stage.validation_loss(model, ranks)
+                with forward():
+                    val_loss = stage.validation_loss(model, ranks)
                 epochs_log.append({"stage": stage.name, "epoch": epoch, "step": len(step_losses), "val_loss": val_loss,
                                    "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1)})
                 if ranks.main:
@@ -261,7 +296,7 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
                 "examples_seen": sum(seen_by), "examples_seen_per_process": seen_by}
 
         # -- save (rank 0; the others hold the same weights)
-        metrics = summary(stage_metrics, skipped, step_losses, device, dict(cores.steps_at), started, ranks.world)
+        metrics = summary(stage_metrics, skipped, step_losses, device, dict(cores.steps_at), started, ranks.world, precision)
         whole = ranks.full_state({k: v for k, v in model.state_dict().items() if "lora_" in k}) if ranks.sharded else None
         if ranks.main:
             model.save_pretrained(tmp, **({"state_dict": whole} if whole is not None else {}))

@@ -110,6 +110,18 @@ def scored_count(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def head_logits(lm, hidden):
+    """The LM head on `hidden`, as fp32 logits. Under bf16 autocast (CPU training) the head itself runs in fp32, so
+    the log-probabilities the losses compare keep fp32 precision; it runs on the scored positions only, so it costs little."""
+    import torch
+
+    head = lm.get_output_embeddings()
+    if not torch.is_autocast_enabled(hidden.device.type):
+        return head(hidden).float()
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.float())
+
+
 def scored_logits(model, batch: dict):
     """(logits, targets, scored mask) at the positions whose next token is scored, the LM head applied only there.
 
@@ -122,8 +134,7 @@ def scored_logits(model, batch: dict):
     hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE
-    logits = lm.get_output_embeddings()(hidden[:, :-1][scored])
-    return logits.float(), targets[scored], scored
+    return head_logits(lm, hidden[:, :-1][scored]), targets[scored], scored
 
 
 def scored_loss(model, batch: dict):

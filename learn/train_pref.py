@@ -39,7 +39,7 @@ from pathlib import Path
 
 from feedback.check import CheckReport, Problem, TokenCounter, validate_messages
 from learn.train_config import TrainError
-from learn.train_data import IGNORE, encode
+from learn.train_data import IGNORE, encode, head_logits
 
 KINDS = {"kto": ("completion",), "dpo": ("chosen", "rejected")}
 
@@ -226,7 +226,7 @@ def packed_logps(model, batch: dict):
                               use_cache=False).last_hidden_state
     out = []
     for targets in batch["targets"]:
-        logits = lm.get_output_embeddings()(hidden[targets[:, 0], targets[:, 1]]).float()
+        logits = head_logits(lm, hidden[targets[:, 0], targets[:, 1]])
         token_logps = -F.cross_entropy(logits, targets[:, 2], reduction="none")
         out.append(torch.zeros(batch["rows"], dtype=token_logps.dtype, device=token_logps.device).index_add(0, targets[:, 0], token_logps))
     return out[0], out[1]
