@@ -11,12 +11,14 @@ build them itself). TRL's gradient checkpointing is turned off, as the recipe do
 Both count the non-padding input tokens of the batches they train on, over the training loop
 only, with the same number of torch threads. Prints both figures, their ratio (target >= 1.0) and what limits the recipe.
 Then the recipe on an idle machine, as the demo's learner finds it: with 1 thread, and with its default (learn/cores.py:
-every core nobody else uses), and their ratio (target >= 1.8x). Writes bench/results/train_throughput.json.
+every core nobody else uses), and their ratio (target >= 1.8x). Where the CPU has bf16 instructions, also the opt-in
+`precision = "bf16"` (bf16 autocast) with 1 thread against fp32. Writes bench/results/train_throughput.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -28,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from learn.train import TrainConfig, train  # noqa: E402
+from learn.train import TrainConfig, cpu_has_bf16, train  # noqa: E402
 from learn.train_data import encode  # noqa: E402
 from serve.settings import load_settings  # noqa: E402
 
@@ -60,15 +62,15 @@ OPTIM = dict(learning_rate=2e-4, lr_scheduler="cosine", warmup_ratio=0.05, seed=
 
 
 def run_recipe(model: Path, train_file: Path, val_file: Path, work: Path, steps: int, batch: int, max_length: int,
-               threads: int | None) -> dict:
-    """The recipe with `threads` torch threads; None: its default, the cores nobody else uses (learn/cores.py)."""
+               threads: int | None, precision: str = "fp32") -> dict:
+    """The recipe with `threads` torch threads (None: its default, the cores nobody else uses: learn/cores.py)."""
     config = TrainConfig(batch_size=batch, max_length=max_length, max_steps=steps, epochs=100, early_stopping_patience=100,
-                         device="cpu", threads=threads, **LORA, **OPTIM)
-    out = work / f"recipe-{threads or 'idle-cores'}"
+                         device="cpu", threads=threads, precision=precision, **LORA, **OPTIM)
+    out = work / f"recipe-{threads or 'idle-cores'}-{precision}"
     m = train(config, base_model=str(model), train_file=train_file, val_file=val_file, out_dir=out).metrics
     return {"tokens": m["tokens"], "seconds": m["train_seconds"], "tokens_per_s": m["tokens_per_s"],
             "padding_fraction": m["padding_fraction"], "scored_tokens": m["scored_tokens"], "steps": m["steps"],
-            "steps_at_threads": m["steps_at_threads"]}
+            "steps_at_threads": m["steps_at_threads"], "precision": m["precision"]}
 
 
 def run_trl(model: Path, rows: list[dict], work: Path, steps: int, batch: int, max_length: int, threads: int) -> dict:
@@ -151,17 +153,20 @@ def main() -> None:
         train_file, val_file = work / "train.jsonl", work / "val.jsonl"
         train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         val_file.write_text("".join(json.dumps(r) + "\n" for r in coqa_chats(4, seed=1)))
-        recipe = run_recipe(args.model, train_file, val_file, work, args.steps, args.batch, args.max_length, args.threads)
+        run = functools.partial(run_recipe, args.model, train_file, val_file, work, args.steps, args.batch, args.max_length)
+        recipe = run(args.threads)
         trl = run_trl(args.model, rows, work, args.steps, args.batch, args.max_length, args.threads)
         # the machine as the demo's learner finds it: no engine traffic, so the recipe may take every core
-        one = recipe if args.threads == 1 else run_recipe(args.model, train_file, val_file, work, args.steps, args.batch, args.max_length, 1)
-        idle = run_recipe(args.model, train_file, val_file, work, args.steps, args.batch, args.max_length, None)
+        one = recipe if args.threads == 1 else run(1)
+        idle = run(None)
+        one_bf16 = run(1, "bf16") if cpu_has_bf16() else None  # the opt-in precision, where the CPU has bf16 instructions
 
     ratio = recipe["tokens_per_s"] / trl["tokens_per_s"]
     idle_ratio = idle["tokens_per_s"] / one["tokens_per_s"]
     share = head_share(args.model, recipe)
     result = {"recipe": recipe, "trl": trl, "ratio": ratio, "recipe_1_thread": one, "recipe_idle_cores": idle,
-              "idle_cores_ratio": idle_ratio, **share,
+              "idle_cores_ratio": idle_ratio, "recipe_1_thread_bf16": one_bf16,
+              "bf16_ratio": one_bf16["tokens_per_s"] / one["tokens_per_s"] if one_bf16 else None, **share,
               "settings": {"steps": args.steps, "batch": args.batch, "max_length": args.max_length, "examples": args.examples, "threads": args.threads,
                            "model": str(args.model), **LORA, **OPTIM}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +180,9 @@ def main() -> None:
     print(f"idle cores:            {idle['tokens_per_s']:7.1f} tokens/s with the default threads (steps at each thread count: "
           f"{idle['steps_at_threads']}) vs {one['tokens_per_s']:.1f} with 1 thread: {idle_ratio:.2f}x (target >= 1.8x; "
           f"at most {len(os.sched_getaffinity(0))}x on {len(os.sched_getaffinity(0))} cores)")
+    print(f"precision = bf16:      {one_bf16['tokens_per_s']:7.1f} tokens/s with 1 thread, {result['bf16_ratio']:.2f}x fp32 (opt-in: it "
+          "learns less per step, learn/train_config.py)" if one_bf16 else
+          "precision = bf16:      not measured (this CPU has no bf16 instructions)")
     print(f"what limits it: {share['scored_fraction']:.0%} of positions are scored, so the 49k-vocab head is about "
           f"{share['head_share_recipe']:.0%} of the recipe's FLOPs (it would be {share['head_share_full_head']:.0%} with the head "
           "at every position); the rest is the 30-layer decoder's forward and backward, the same work TRL does. On CPU, "

@@ -29,8 +29,8 @@ What it does:
   the LM head computed only at the scored positions.
 - LoRA through peft (QLoRA 4-bit nf4 on CUDA when asked), AdamW, a transformers scheduler with
   warmup per stage, gradient accumulation and clipping, validation loss each epoch, early stopping,
-  the best epoch of each stage kept. On CPU the weights are fp32 and the forward passes bf16 autocast where the CPU
-  has bf16 instructions (`precision`), the LM head and the losses in fp32; on CUDA bf16.
+  the best epoch of each stage kept. fp32 on CPU (`precision = "bf16"`: forward passes under bf16 autocast, the
+  weights, LM head and losses still fp32), bf16 on CUDA.
 - writes the adapter (`adapter_config.json`, `adapter_model.safetensors`) plus `report.json` and
   `loss.png` (one panel per stage) to `<out_dir>.tmp-<pid>` and renames it to `out_dir` only when complete.
 """

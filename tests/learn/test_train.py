@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from learn.train import TrainConfig, TrainError, main, train, train_in_child
-from learn.train_data import collate, encode, scored_count, scored_loss
+from learn.train import TrainConfig, TrainError, main, pick_precision, train, train_in_child
+from learn.train_data import collate, encode, head_logits, scored_count, scored_loss
 from tests.learn.chats import coqa_rows, write_jsonl
 
 
@@ -65,10 +65,37 @@ def test_head_at_scored_positions_equals_full_head_loss(tiny_model):
     assert torch.allclose(ours, full, rtol=1e-5, atol=1e-6)
 
 
-def test_short_run_learns_and_writes_a_finished_adapter(tmp_path, tiny_model):
+def test_bf16_forward_keeps_the_lm_head_and_the_loss_in_fp32(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    hidden = torch.randn(5, model.config.hidden_size)
+    plain = head_logits(model, hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = head_logits(model, hidden)
+        bf16_head = model.get_output_embeddings()(hidden)
+    assert under_autocast.dtype == torch.float32 and torch.equal(under_autocast, plain)
+    assert bf16_head.dtype == torch.bfloat16 and not torch.equal(bf16_head.float(), plain)  # what it would be otherwise
+
+
+def test_precision_follows_the_setting_and_the_cpu(monkeypatch):
+    for native, auto in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr("learn.train.cpu_has_bf16", lambda native=native: native)
+        assert pick_precision(TrainConfig(precision="auto"), "cpu") == auto
+        assert pick_precision(TrainConfig(), "cpu") == "fp32"  # bf16 is asked for, never assumed
+        assert pick_precision(TrainConfig(precision="fp32"), "cpu") == "fp32"
+        assert pick_precision(TrainConfig(precision="bf16"), "cpu") == "bf16"
+        assert pick_precision(TrainConfig(precision="fp32"), "cuda") == "bf16"  # the base model's own dtype there
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_short_run_learns_and_writes_a_finished_adapter(tmp_path, tiny_model, precision):
     data = write_jsonl(tmp_path / "repeated.jsonl", coqa_rows(1) * 16)
     out = tmp_path / "chat-v0001"
-    result = train(tiny_config(epochs=4, max_steps=16, early_stopping_patience=4), **paths(tiny_model, data, out))
+    result = train(tiny_config(epochs=4, max_steps=16, early_stopping_patience=4, precision=precision),
+                   **paths(tiny_model, data, out))
+    assert result.metrics["precision"] == precision
 
     assert result.out_dir == out
     assert {"adapter_config.json", "adapter_model.safetensors", "report.json", "loss.png"} <= {p.name for p in out.iterdir()}
