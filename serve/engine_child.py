@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
 import os
 import re
 import signal
@@ -29,6 +30,9 @@ from serve.lora_ops import ENV as LORA_OPS_ENV
 from serve.settings import Settings
 
 STOP_GRACE_S = 15.0
+# engine.prompt_lookup drafts where the last this-many tokens appear in the prompt. Measured on 2 cores against 2:
+# rewrites 1.7 vs 2.4 s each, 48 CoQA turns at 8 in flight 18.1 vs 19.4 s (fewer drafts that fail)
+PROMPT_LOOKUP_NGRAM = 4
 
 # (pattern over the last log lines, fix): the first match wins, so specific causes come first.
 LIKELY_FIXES: list[tuple[str, str]] = [
@@ -109,6 +113,9 @@ def engine_command(settings: Settings, device: str) -> list[str]:
     ]
     if device == "gpu":
         cmd += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
+    if e.prompt_lookup:
+        cmd += ["--speculative-config", json.dumps({"method": "ngram", "num_speculative_tokens": e.prompt_lookup,
+                                                    "prompt_lookup_min": PROMPT_LOOKUP_NGRAM, "prompt_lookup_max": PROMPT_LOOKUP_NGRAM})]
     return cmd + list(e.extra_args)
 
 

@@ -186,6 +186,11 @@ class EngineSettings(BaseModel):
     kv_cache_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     cpu_threads_bind: str | None = Field(None, description="VLLM_CPU_OMP_THREADS_BIND; default 0-(ncpu-1).")
     gpu_memory_utilization: float = Field(0.85, description="vLLM --gpu-memory-utilization on GPU.")
+    prompt_lookup: int = Field(0, ge=0, le=16, description="Speculative decoding by prompt lookup (vLLM's ngram proposer): "
+                               "up to this many tokens per step drafted from where the last 4 tokens appear in the prompt, "
+                               "checked in one pass; greedy answers stay the same. 0: off. It pays where answers copy their "
+                               "prompt and few requests run at once: a restyler's rewrite (4, on 2 CPU cores: 1.7 instead of "
+                               "4.4 s per answer); with 8 requests in flight it cost 30-40% throughput on CPU.")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM command-line flags.")
     startup_timeout_s: float = Field(300.0, description="How long to wait for the engine's /health.")
     restart_backoff_s: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0], description="Waits between restarts of a dead engine.")
