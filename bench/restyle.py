@@ -12,7 +12,10 @@ base model and the restyler rewrite each answer with the gateway's restyle reque
 style strength (share called in-style by the style's classifier), content kept (chrF vs the
 raw answer; share keeping every name and number), both at once, and the rewrite's latency per
 answer (median, p95), which is what the restyle step adds to a styled answer. Rewrites run one
-at a time, as a single user's answers would. Writes bench/results/restyle.json.
+at a time, as a single user's answers would. Then (`--prompt-lookup 4`, the default; 0 skips it)
+the same restyler rewrites the same answers on a second engine started with `engine.prompt_lookup`,
+as a restyler engine of its own (`restyle.engine_url`) would run: its latency, and how many
+rewrites are the same as the first engine's. Writes bench/results/restyle.json.
 """
 
 from __future__ import annotations
@@ -51,9 +54,9 @@ def cli(*args: str, env: dict[str, str]) -> str:
     return result.output
 
 
-def train_one(engine_url: str, style: str, work: Path, servers: list) -> tuple[str, str, Path, dict]:
-    """(gateway url, restyler version, dataset folder, seconds per stage) on a fresh data dir; the
-    gateway it starts is added to `servers` (the caller stops it)."""
+def train_one(engine_url: str, style: str, work: Path, servers: list) -> tuple[str, str, str, Path, dict]:
+    """(gateway url, restyler version, its adapter folder, dataset folder, seconds per stage) on a fresh data
+    dir; the gateway it starts is added to `servers` (the caller stops it)."""
     from learn.registry import Registry
     from learn.restyle_synth import synth_corpus
     from serve.cli_serve import ServerThread
@@ -83,7 +86,7 @@ def train_one(engine_url: str, style: str, work: Path, servers: list) -> tuple[s
     version = Registry(writer.engine).prod("restyler", style)
     if version is None:
         raise SystemExit(f"the {style} restyler was not promoted:\n{out}")
-    return server.url, version.name, settings.datasets_dir / "restyle" / style, seconds
+    return server.url, version.name, version.path, settings.datasets_dir / "restyle" / style, seconds
 
 
 async def measure(url: str, version: str, data_dir: Path, answers: list[str] | None) -> dict:
@@ -106,8 +109,27 @@ async def measure(url: str, version: str, data_dir: Path, answers: list[str] | N
         s = score(model, answers, rewrites, classifier=classifier, samples=2)
         rows[name] = {"model": model, "style_strength": s.style_strength, "content_chrf": s.content_chrf,
                       "facts_kept": s.facts_kept, "styled_and_kept": s.transferred, "n": s.n,
-                      "latency_s": latency_summary(seconds), "samples": s.samples}
-    return {"rows": rows, "answer_latency_s": latency_summary(raw_seconds) if raw_seconds else None}
+                      "latency_s": latency_summary(seconds), "samples": s.samples, "rewrites": rewrites}
+    return {"rows": rows, "answer_latency_s": latency_summary(raw_seconds) if raw_seconds else None, "answers": answers}
+
+
+def with_prompt_lookup(tokens: int, version: str, path: str, answers: list[str], rewrites: list[str]) -> dict:
+    """The restyler's rewrites of the same answers on a second engine started with engine.prompt_lookup =
+    `tokens`, as a restyler engine of its own (restyle.engine_url) would run: latency, and how many rewrites
+    are the same as the first engine's."""
+    from learn.restyle_gate import latency_summary, rewrite_all
+    from serve.engine import EngineManager
+    from serve.settings import load_settings
+
+    import httpx
+
+    settings = load_settings(None, engine={"port": free_port(), "prompt_lookup": tokens})
+    with EngineManager(settings) as engine:
+        r = httpx.post(f"{engine.url}/v1/load_lora_adapter", json={"lora_name": version, "lora_path": path}, timeout=120)
+        r.raise_for_status()
+        mine, seconds = asyncio.run(rewrite_all(engine.url, settings.restyle, version, answers, concurrency=1))
+    return {"tokens": tokens, "latency_s": latency_summary(seconds), "n": len(mine),
+            "same_rewrites": sum(a == b for a, b in zip(mine, rewrites))}
 
 
 def table(rows: dict) -> str:
@@ -141,8 +163,15 @@ def run(args) -> dict:
         manager = EngineManager(settings).__enter__()
         engine_url = manager.url
     try:
-        url, version, data_dir, seconds = train_one(engine_url, args.style, work, servers)
-        return {"version": version, "seconds": seconds, **asyncio.run(measure(url, version, data_dir, answers))}
+        url, version, path, data_dir, seconds = train_one(engine_url, args.style, work, servers)
+        result = {"version": version, "seconds": seconds, **asyncio.run(measure(url, version, data_dir, answers))}
+        if args.prompt_lookup:
+            if manager is not None:  # one engine at a time on these cores
+                manager.__exit__(None, None, None)
+                manager = None
+            result["prompt_lookup"] = with_prompt_lookup(args.prompt_lookup, version, path, result["answers"],
+                                                         result["rows"]["restyler"]["rewrites"])
+        return result
     finally:
         for server in servers:
             server.stop()
@@ -158,6 +187,8 @@ def main() -> None:
     parser.add_argument("--data-dir", help="with --gateway-url: the style's dataset folder (its classifier.json)")
     parser.add_argument("--version", help="with --gateway-url: the restyler version")
     parser.add_argument("--answers", help="JSONL of answers (`text`) to restyle; default: the served model's answers to QUESTIONS")
+    parser.add_argument("--prompt-lookup", type=int, default=4,
+                        help="then the restyler on a second engine with engine.prompt_lookup = N, the same answers (0: skip)")
     args = parser.parse_args()
     started = time.perf_counter()
     result = {"style": args.style, **run(args), "wall_s": None}
@@ -168,6 +199,11 @@ def main() -> None:
     raw = result.get("answer_latency_s")
     print(f"added latency per styled answer: median {added['median']:.1f} s, p95 {added['p95']:.1f} s"
           + (f"; the raw answer's own time: median {raw['median']:.1f} s (target: added <= raw)" if raw else ""))
+    lookup = result.get("prompt_lookup")
+    if lookup:
+        print(f"with engine.prompt_lookup = {lookup['tokens']} (a restyler engine of its own, restyle.engine_url): median "
+              f"{lookup['latency_s']['median']:.1f} s, p95 {lookup['latency_s']['p95']:.1f} s; "
+              f"{lookup['same_rewrites']} of {lookup['n']} rewrites the same as without it")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")

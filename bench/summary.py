@@ -65,8 +65,10 @@ def lora_rows(d: dict) -> list[Row]:
 def train_rows(d: dict) -> list[Row]:
     idle, one = d["recipe_idle_cores"], d["recipe_1_thread"]
     bf16 = f"; opt-in bf16 {d['bf16_ratio']:.2f}x at 1 thread" if d.get("bf16_ratio") else ""
+    spread = d.get("recipe_processes")
+    processes = f"; opt-in processes = {spread['processes']}: {d['processes_ratio']:.2f}x" if spread else ""
     return [Row("training tokens/s on idle cores vs the recipe's 1 thread",
-                f"{idle['tokens_per_s']:.0f} vs {one['tokens_per_s']:.0f} tokens/s ({d['idle_cores_ratio']:.2f}x{bf16})",
+                f"{idle['tokens_per_s']:.0f} vs {one['tokens_per_s']:.0f} tokens/s ({d['idle_cores_ratio']:.2f}x{bf16}{processes})",
                 ">= 1.8x", d["idle_cores_ratio"] >= 1.8, "train_throughput")]
 
 
@@ -103,6 +105,17 @@ def restyle_rows(d: dict) -> list[Row]:
     raw = (d.get("answer_latency_s") or {}).get("median")
     return [Row("restyle step, added time per answer (median, one at a time)",
                 f"{added:.1f} s" + (f" vs the raw answer's {raw:.1f} s" if raw is not None else ""),
+                "<= the raw answer's own time", None if raw is None else added <= raw, "restyle")] + lookup_rows(d, raw)
+
+
+def lookup_rows(d: dict, raw: float | None) -> list[Row]:
+    lookup = d.get("prompt_lookup")
+    if not lookup:
+        return []
+    added = lookup["latency_s"]["median"]
+    return [Row(f"the same, on a restyler engine with engine.prompt_lookup = {lookup['tokens']} (opt-in, restyle.engine_url)",
+                f"{added:.1f} s" + (f" vs the raw answer's {raw:.1f} s" if raw is not None else "")
+                + f"; {lookup['same_rewrites']} of {lookup['n']} rewrites unchanged",
                 "<= the raw answer's own time", None if raw is None else added <= raw, "restyle")]
 
 

@@ -12,7 +12,8 @@ Both count the non-padding input tokens of the batches they train on, over the t
 only, with the same number of torch threads. Prints both figures, their ratio (target >= 1.0) and what limits the recipe.
 Then the recipe on an idle machine, as the demo's learner finds it: with 1 thread, and with its default (learn/cores.py:
 every core nobody else uses), and their ratio (target >= 1.8x). Where the CPU has bf16 instructions, also the opt-in
-`precision = "bf16"` (bf16 autocast) with 1 thread against fp32. Writes bench/results/train_throughput.json.
+`precision = "bf16"` (bf16 autocast) with 1 thread against fp32. With more than one core, also the opt-in
+`processes = N` (a process per core, up to the batch size), started as the learner starts it. Writes bench/results/train_throughput.json.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from learn.train import TrainConfig, cpu_has_bf16, train  # noqa: E402
+from learn.train_child import train_in_child  # noqa: E402
 from learn.train_data import encode  # noqa: E402
 from serve.settings import load_settings  # noqa: E402
 
@@ -62,15 +64,17 @@ OPTIM = dict(learning_rate=2e-4, lr_scheduler="cosine", warmup_ratio=0.05, seed=
 
 
 def run_recipe(model: Path, train_file: Path, val_file: Path, work: Path, steps: int, batch: int, max_length: int,
-               threads: int | None, precision: str = "fp32") -> dict:
-    """The recipe with `threads` torch threads (None: its default, the cores nobody else uses: learn/cores.py)."""
+               threads: int | None, precision: str = "fp32", processes: int = 1) -> dict:
+    """The recipe with `threads` torch threads (None: its default, the cores nobody else uses: learn/cores.py);
+    with `processes` > 1, data-parallel as the learner starts it (train_in_child: `accelerate launch`)."""
     config = TrainConfig(batch_size=batch, max_length=max_length, max_steps=steps, epochs=100, early_stopping_patience=100,
-                         device="cpu", threads=threads, precision=precision, **LORA, **OPTIM)
-    out = work / f"recipe-{threads or 'idle-cores'}-{precision}"
-    m = train(config, base_model=str(model), train_file=train_file, val_file=val_file, out_dir=out).metrics
+                         device="cpu", threads=threads, precision=precision, processes=processes, **LORA, **OPTIM)
+    out = work / f"recipe-{threads or 'idle-cores'}-{precision}-{processes}"
+    run = train if processes == 1 else train_in_child
+    m = run(config, base_model=str(model), train_file=train_file, val_file=val_file, out_dir=out).metrics
     return {"tokens": m["tokens"], "seconds": m["train_seconds"], "tokens_per_s": m["tokens_per_s"],
             "padding_fraction": m["padding_fraction"], "scored_tokens": m["scored_tokens"], "steps": m["steps"],
-            "steps_at_threads": m["steps_at_threads"], "precision": m["precision"]}
+            "steps_at_threads": m["steps_at_threads"], "precision": m["precision"], "processes": m["processes"]}
 
 
 def run_trl(model: Path, rows: list[dict], work: Path, steps: int, batch: int, max_length: int, threads: int) -> dict:
@@ -160,13 +164,16 @@ def main() -> None:
         one = recipe if args.threads == 1 else run(1)
         idle = run(None)
         one_bf16 = run(1, "bf16") if cpu_has_bf16() else None  # the opt-in precision, where the CPU has bf16 instructions
+        cores = len(os.sched_getaffinity(0))
+        spread = run(None, processes=min(cores, args.batch)) if cores > 1 else None  # opt-in: a process per core
 
     ratio = recipe["tokens_per_s"] / trl["tokens_per_s"]
     idle_ratio = idle["tokens_per_s"] / one["tokens_per_s"]
     share = head_share(args.model, recipe)
     result = {"recipe": recipe, "trl": trl, "ratio": ratio, "recipe_1_thread": one, "recipe_idle_cores": idle,
               "idle_cores_ratio": idle_ratio, "recipe_1_thread_bf16": one_bf16,
-              "bf16_ratio": one_bf16["tokens_per_s"] / one["tokens_per_s"] if one_bf16 else None, **share,
+              "bf16_ratio": one_bf16["tokens_per_s"] / one["tokens_per_s"] if one_bf16 else None,
+              "recipe_processes": spread, "processes_ratio": spread["tokens_per_s"] / one["tokens_per_s"] if spread else None, **share,
               "settings": {"steps": args.steps, "batch": args.batch, "max_length": args.max_length, "examples": args.examples, "threads": args.threads,
                            "model": str(args.model), **LORA, **OPTIM}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +190,10 @@ def main() -> None:
     print(f"precision = bf16:      {one_bf16['tokens_per_s']:7.1f} tokens/s with 1 thread, {result['bf16_ratio']:.2f}x fp32 (opt-in: it "
           "learns less per step, learn/train_config.py)" if one_bf16 else
           "precision = bf16:      not measured (this CPU has no bf16 instructions)")
+    if spread:
+        print(f"processes = {spread['processes']}:         {spread['tokens_per_s']:7.1f} tokens/s, 1 thread each: "
+              f"{result['processes_ratio']:.2f}x the 1-thread figure (opt-in data-parallel: it does not give cores back "
+              "when traffic comes, learn/train_config.py)")
     print(f"what limits it: {share['scored_fraction']:.0%} of positions are scored, so the 49k-vocab head is about "
           f"{share['head_share_recipe']:.0%} of the recipe's FLOPs (it would be {share['head_share_full_head']:.0%} with the head "
           "at every position); the rest is the 30-layer decoder's forward and backward, the same work TRL does. On CPU, "

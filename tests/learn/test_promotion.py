@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -121,14 +122,17 @@ def test_no_gateway_calls_the_promotion_off(reg, tmp_path):
     assert reg.prod() is None and rows(reg)[0].state == "cancelled"
 
 
-def test_one_promotion_at_a_time_and_an_abandoned_one_expires(reg, tmp_path):
+def test_one_promotion_at_a_time_and_an_abandoned_one_expires(reg, tmp_path, monkeypatch):
+    clock = [promotion.utcnow()]  # the promotions' clock, moved by hand: the outcome never depends on the machine's speed
+    monkeypatch.setattr(promotion, "utcnow", lambda: clock[0])
     v1, v2 = add(reg, tmp_path), add(reg, tmp_path)
-    row = promotion.request(reg, v1, expected=None, requested_by="cli", wait_s=0.2)  # its requester died
+    row = promotion.request(reg, v1, expected=None, requested_by="cli", wait_s=60)  # its requester died
     with pytest.raises(RegistryError, match="a promotion of chat-v0001 .* is still under way"):
         promotion.request(reg, v2, expected=None, requested_by="cli")
-    time.sleep(0.4)
+    clock[0] += timedelta(seconds=61)
     assert promotion.claim(reg, "gw") == []  # past its deadline: expired, not loaded
     assert promotion.get(reg, row.id).state == "expired"
+    monkeypatch.undo()
     with FakeGateway(reg):
         assert promotion.promote(reg, v2, expected=None, requested_by="cli", wait_s=30).current == v2
 
