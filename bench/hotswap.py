@@ -19,23 +19,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from serve.engine_child import free_port
+
 RESULTS = Path(__file__).parent / "results" / "hotswap.json"
 ADMIN_KEY = "bench-admin"
 PROMPT = [{"role": "user", "content": "Name three colours."}]
 TARGET_S = 1.0  # admin call -> first answer by the new version
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_random_adapter(base_model: str, out_dir: Path, *, rank: int = 8, seed: int = 0, alpha: int | None = None,

@@ -23,10 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import tempfile
 import time
 from pathlib import Path
+
+import httpx
+
+from serve.engine_child import free_port
 
 RESULTS = Path(__file__).parent / "results" / "restyle.json"
 QUESTIONS = [  # unlike the synthetic corpora, and none is a gate PROBE_PROMPT
@@ -34,12 +37,6 @@ QUESTIONS = [  # unlike the synthetic corpora, and none is a gate PROBE_PROMPT
     "Who invented the telephone?", "What is 12 times 12?", "Name one benefit of drinking water.",
     "What language is spoken in Brazil?", "How many continents are there?", "What do bees collect from flowers?",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str, env: dict[str, str]) -> str:
@@ -63,7 +60,6 @@ def train_one(engine_url: str, style: str, work: Path, servers: list) -> tuple[s
     from serve.gateway.app import create_app, make_writer
     from serve.settings import load_settings
 
-    import httpx
 
     # the model folder the engine serves (its tokenizer counts chunk and pair tokens)
     model = httpx.get(f"{engine_url}/v1/models", timeout=30).json()["data"][0]["root"]
@@ -121,13 +117,17 @@ def with_prompt_lookup(tokens: int, version: str, path: str, answers: list[str],
     from serve.engine import EngineManager
     from serve.settings import load_settings
 
-    import httpx
-
     settings = load_settings(None, engine={"port": free_port(), "prompt_lookup": tokens})
+
+    async def rewrite(url: str) -> tuple[list[str], list[float]]:
+        from serve.adapters import EngineAdapters
+
+        async with httpx.AsyncClient(trust_env=False) as http:
+            await EngineAdapters(http, url).load(version, path)  # loaded and warmed, as the gateway loads it
+        return await rewrite_all(url, settings.restyle, version, answers, concurrency=1)
+
     with EngineManager(settings) as engine:
-        r = httpx.post(f"{engine.url}/v1/load_lora_adapter", json={"lora_name": version, "lora_path": path}, timeout=120)
-        r.raise_for_status()
-        mine, seconds = asyncio.run(rewrite_all(engine.url, settings.restyle, version, answers, concurrency=1))
+        mine, seconds = asyncio.run(rewrite(engine.url))
     return {"tokens": tokens, "latency_s": latency_summary(seconds), "n": len(mine),
             "same_rewrites": sum(a == b for a, b in zip(mine, rewrites))}
 

@@ -101,22 +101,21 @@ def gateway_rows(d: dict) -> list[Row]:
 
 
 def restyle_rows(d: dict) -> list[Row]:
-    added = d["rows"]["restyler"]["latency_s"]["median"]
     raw = (d.get("answer_latency_s") or {}).get("median")
-    return [Row("restyle step, added time per answer (median, one at a time)",
-                f"{added:.1f} s" + (f" vs the raw answer's {raw:.1f} s" if raw is not None else ""),
-                "<= the raw answer's own time", None if raw is None else added <= raw, "restyle")] + lookup_rows(d, raw)
-
-
-def lookup_rows(d: dict, raw: float | None) -> list[Row]:
+    rows = [restyle_row("restyle step, added time per answer (median, one at a time)",
+                        d["rows"]["restyler"]["latency_s"]["median"], raw)]
     lookup = d.get("prompt_lookup")
-    if not lookup:
-        return []
-    added = lookup["latency_s"]["median"]
-    return [Row(f"the same, on a restyler engine with engine.prompt_lookup = {lookup['tokens']} (opt-in, restyle.engine_url)",
-                f"{added:.1f} s" + (f" vs the raw answer's {raw:.1f} s" if raw is not None else "")
-                + f"; {lookup['same_rewrites']} of {lookup['n']} rewrites unchanged",
-                "<= the raw answer's own time", None if raw is None else added <= raw, "restyle")]
+    if lookup:
+        rows.append(restyle_row(f"the same, on a restyler engine with engine.prompt_lookup = {lookup['tokens']} (opt-in, "
+                                "restyle.engine_url)", lookup["latency_s"]["median"], raw,
+                                f"; {lookup['same_rewrites']} of {lookup['n']} rewrites unchanged"))
+    return rows
+
+
+def restyle_row(figure: str, added: float, raw: float | None, extra: str = "") -> Row:
+    """A rewrite's added seconds against the raw answer's own (target: no more)."""
+    return Row(figure, f"{added:.1f} s" + (f" vs the raw answer's {raw:.1f} s" if raw is not None else "") + extra,
+               "<= the raw answer's own time", None if raw is None else added <= raw, "restyle")
 
 
 def demo_rows(since: float | None) -> list[Row]:

@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from learn.cores import usable_cores  # noqa: E402
 from learn.train import TrainConfig, cpu_has_bf16, train  # noqa: E402
 from learn.train_child import train_in_child  # noqa: E402
 from learn.train_data import encode  # noqa: E402
@@ -164,7 +165,7 @@ def main() -> None:
         one = recipe if args.threads == 1 else run(1)
         idle = run(None)
         one_bf16 = run(1, "bf16") if cpu_has_bf16() else None  # the opt-in precision, where the CPU has bf16 instructions
-        cores = len(os.sched_getaffinity(0))
+        cores = usable_cores()
         spread = run(None, processes=min(cores, args.batch)) if cores > 1 else None  # opt-in: a process per core
 
     ratio = recipe["tokens_per_s"] / trl["tokens_per_s"]
