@@ -71,6 +71,7 @@ class Run:
     spool_peak_bytes: float = 0.0
     pending: list[tuple[float, float]] = field(default_factory=list)  # (at, tunewheel_log_pending_writes)
     logged_ids: set[str] = field(default_factory=set)
+    loop_stalls: list[str] = field(default_factory=list)  # the gateway's watchdog warnings
     ended: float = 0.0
 
 
@@ -280,6 +281,20 @@ class GatewayProcess:
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+    def loop_stalls(self) -> list[str]:
+        """The watchdog's warnings in the log (serve/gateway/watchdog.py), each with the stack it names."""
+        records: list[list[str]] = []
+        current: list[str] | None = None
+        for line in self.log.read_text(errors="replace").splitlines() if self.log.exists() else []:
+            if " serve.gateway.watchdog: " in line:
+                current = [line]
+                records.append(current)
+            elif current is not None and line.startswith(" "):  # the stack under the warning
+                current.append(line)
+            else:
+                current = None
+        return ["\n".join(r) for r in records]
 
 
 class SupervisedEngine:

@@ -134,6 +134,7 @@ class Stage:
         time.sleep(1.5)  # one more /metrics sample: the writer has caught up
         self.probes.stop()
         self.run.ended = time.monotonic()
+        self.run.loop_stalls = self.gateway.loop_stalls()
         return self.run
 
 
@@ -231,6 +232,7 @@ def report(run: Run, clients: int = 16, **conditions: Any) -> dict[str, Any]:
         "health_slowest": [[round(at - run.t0, 1), round(lat, 3), status]
                            for at, lat, status in sorted(run.probes, key=lambda p: -p[1])[:3]],
         "faults": [{k: round(v, 1) if isinstance(v, float) else v for k, v in f.items()} for f in faults],
+        "loop_stalls": run.loop_stalls,
         "problems": verify(run),
     }
 

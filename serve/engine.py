@@ -305,3 +305,16 @@ def _in_child(parent: int, nice: int) -> None:
     die_with_parent(parent)
     if nice:
         os.nice(nice)
+        _autogroup_nice(nice)
+
+
+def _autogroup_nice(nice: int) -> None:
+    """Where Linux groups processes by session (autogroup: /proc/sys/kernel/sched_autogroup_enabled,
+    on in these VMs), a nice value only counts inside the session's group, and the engine, in a
+    session of its own, would take the CPU from the gateway as an equal. The session's group gets
+    the same nice. Best effort: a kernel without autogroup has no such file, and nice alone works there."""
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        pass

@@ -57,6 +57,9 @@ ENGINE_RESTARTS = Counter("tunewheel_engine_restarts_total", "Times the engine c
 RESTYLE_LATENCY = Histogram("tunewheel_restyle_latency_seconds", "Latency the restyle step adds to an answer "
                             "(the restyler's rewrite, after the raw answer is whole)", ["style", "status"],
                             buckets=LATENCY_BUCKETS)
+LOOP_LAG = Histogram("tunewheel_event_loop_lag_seconds", "How late the gateway's event loop ran a 0.1 s timer: "
+                     "the time every request, /health included, waited on something holding the loop",
+                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 ACTIVE_VERSION = Gauge("tunewheel_active_version_info", "1 for the version each alias resolves to", ["alias", "version"], multiprocess_mode="max")
 ALIAS_FALLBACK = Gauge("tunewheel_alias_fallback", "1 while an alias serves another version than its target, which will not load",
                        ["alias"], multiprocess_mode="max")

@@ -194,8 +194,9 @@ class EngineSettings(BaseModel):
     extra_args: list[str] = Field(default_factory=list, description="More vLLM command-line flags.")
     startup_timeout_s: float = Field(300.0, description="How long to wait for the engine's /health.")
     restart_backoff_s: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0], description="Waits between restarts of a dead engine.")
-    nice: int = Field(5, ge=0, le=19, description="Linux nice value of a child engine. Above the gateway's 0, so that on "
-                      "shared cores /health, the turn log and the relay keep answering while the engine starts or computes.")
+    nice: int = Field(5, ge=0, le=19, description="Linux nice value of a child engine, and of its session's scheduling group "
+                      "where the kernel groups by session (autogroup). Above the gateway's 0, so that on shared cores "
+                      "/health, the turn log and the relay keep answering while the engine starts or computes.")
 
     @model_validator(mode="after")
     def _one_way_to_attach(self) -> EngineSettings:

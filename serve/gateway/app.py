@@ -52,6 +52,7 @@ from serve.gateway.protocol import APIError
 from serve.gateway.relay import TurnRecorder
 from serve.gateway.restyle import RestyleStep
 from serve.gateway.state import GatewayState
+from serve.gateway.watchdog import LoopWatchdog
 from serve.http import engine_client
 from serve.pool import EnginePool
 from serve.reconcile import Reconciler
@@ -136,6 +137,7 @@ async def serving(settings: Settings, *, engine: Any, writer: TurnWriter | None,
     """Everything the routes need, started; stopped again in reverse order on exit."""
     async with AsyncExitStack() as stack:
         start_worker_threads(asyncio.get_running_loop())
+        await stack.enter_async_context(LoopWatchdog(asyncio.get_running_loop()))
         if writer is None:
             writer = await asyncio.to_thread(make_writer, settings)
         # Runs last, after in-flight streams are logged; bounded: what is left waits in the spool.
