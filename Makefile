@@ -40,10 +40,11 @@ demo: install
 	$(PY) -m serve.demo
 
 # Unit tests first (on every core: pytest-xdist), then the real engine, Postgres and training
-# tests (one process: they share one engine).
+# tests (one process: they share one engine), listing its 15 slowest: this tier is most of
+# `make test`'s time.
 test: install
 	$(PY) -m pytest -q -n auto -m "not engine and not slow" tests
-	$(PY) -m pytest -q -m "engine or slow" tests
+	$(PY) -m pytest -q -m "engine or slow" --durations=15 tests
 
 test-fast: install
 	$(PY) -m pytest -q -n auto -m "not engine and not slow" tests
