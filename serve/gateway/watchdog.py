@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 
 from serve import metrics
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 INTERVAL_S = 0.1
 WARN_S = 0.5
 STACK_FRAMES = 12
+STALLS_KEPT = 64
 
 
 class LoopWatchdog:
@@ -38,7 +40,7 @@ class LoopWatchdog:
     def __init__(self, loop: asyncio.AbstractEventLoop, *, interval_s: float = INTERVAL_S, warn_s: float = WARN_S):
         self.loop, self.interval_s, self.warn_s = loop, interval_s, warn_s
         self.last_tick = time.monotonic()
-        self.stalls: list[float] = []  # seconds held, one entry per warned stall (tests read it)
+        self.stalls: deque[float] = deque(maxlen=STALLS_KEPT)  # seconds held, the last warned stalls
         self._loop_thread: int | None = None
         self._stop = threading.Event()
         self._task: asyncio.Task | None = None

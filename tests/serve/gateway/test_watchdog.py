@@ -47,5 +47,5 @@ def test_a_loop_that_keeps_ticking_is_not_reported(caplog):
                 await asyncio.sleep(0.02)
         return dog
 
-    assert asyncio.run(main()).stalls == []
+    assert list(asyncio.run(main()).stalls) == []
     assert not [r for r in caplog.records if r.name == "serve.gateway.watchdog"]
