@@ -60,7 +60,6 @@ def train_one(engine_url: str, style: str, work: Path, servers: list) -> tuple[s
     from serve.gateway.app import create_app, make_writer
     from serve.settings import load_settings
 
-
     # the model folder the engine serves (its tokenizer counts chunk and pair tokens)
     model = httpx.get(f"{engine_url}/v1/models", timeout=30).json()["data"][0]["root"]
     settings = load_settings(None, data_dir=work, engine={"url": engine_url, "model": model}, serve={"port": free_port()})

@@ -68,7 +68,6 @@ class LoopWatchdog:
 
     def _watch(self) -> None:
         warned_at: float | None = None  # the tick a warning was logged for
-        process_held = 0.0
         woke = time.monotonic()
         while not self._stop.wait(self.interval_s):
             now = time.monotonic()
@@ -82,10 +81,9 @@ class LoopWatchdog:
             held = now - tick
             if warned_at is None and held >= self.warn_s:
                 warned_at = tick
-                process_held = overslept
                 log.warning("the event loop has been held for %.2f s%s; its thread is at:\n%s", held,
-                            f" (the whole process was held {process_held:.2f} s: not scheduled, or the "
-                            "interpreter lock kept by native code)" if process_held >= self.warn_s / 2 else "",
+                            f" (the whole process was held {overslept:.2f} s: not scheduled, or the "
+                            "interpreter lock kept by native code)" if overslept >= self.warn_s / 2 else "",
                             self._loop_stack())
 
     def _loop_stack(self) -> str:
