@@ -147,6 +147,22 @@ def test_a_champion_scored_on_the_same_items_is_not_scored_again(setup, tmp_path
     assert third.champion_scores.get("cached_from") is None
 
 
+def test_the_demos_baseline_is_cycle_ones_champion_score_not_scored_again(setup, monkeypatch):
+    """`make demo` scores the base model before any user arrives (serve/demo.py); cycle 1 reads it back."""
+    import learn.evaluate
+    from serve.demo import BASELINE_LABEL, heldout_scores
+
+    settings, db, _ = setup
+    calls: list[str] = []
+    monkeypatch.setattr(learn.evaluate, "evaluate", fake_scores({"champion": (0.2, 0.4), "candidate": (0.6, 0.9)}, calls))
+    before = heldout_scores(settings, URL, Path(settings.learn.heldout_file))
+    assert calls == ["base"] and before["f1"] == 0.4
+    first = cycle(settings, db, train=fake_train, evaluate=fake_scores({"champion": (0.1, 0.1), "candidate": (0.6, 0.9)}, calls))
+    assert calls == ["base", f"chat@{first.version}"]
+    assert first.champion_scores["f1"] == 0.4 and first.champion_scores["cached_from"] == BASELINE_LABEL
+    assert "scored in step 2 of the demo on the same items" in first.text()
+
+
 def test_training_failure_is_recorded_and_production_untouched(setup):
     settings, db, registry = setup
     prod = cycle(settings, db, train=fake_train, evaluate=BETTER).version
