@@ -222,7 +222,7 @@ class _Run:
                 self._scored(items, f"chat@{cycle.version}", common, cycle, reuse=False))
 
     def _scored(self, items: list, model: str, common: dict, cycle: LearnerCycle, *, reuse: bool = True) -> Any:
-        return scored_once(self.evaluate, items, self.dirs.runs / "scores", model=model, base=self.base_model, reuse=reuse,
+        return scored_once(self.evaluate, items, self.dirs.scores, model=model, base=self.base_model, reuse=reuse,
                            label=f"cycle {cycle.id}", **common)
 
     def curate(self, cycle: LearnerCycle):

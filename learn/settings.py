@@ -188,3 +188,8 @@ class LearnDirs:
     @property
     def snapshots(self) -> Path:
         return self.datasets / "snapshots"
+
+    @property
+    def scores(self) -> Path:
+        """Evaluation reports kept for reuse (learn/evaluate.py `scored_once`): the learner's cycles and the demo's baseline."""
+        return self.runs / "scores"

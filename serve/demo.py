@@ -189,7 +189,7 @@ def heldout_scores(settings, url: str, heldout: Path) -> dict:
     its champion, and reads them back instead of scoring them again (about 25 s on 2 cores)."""
     from learn.evaluate import evaluate, load_heldout, scored_once
 
-    return scored_once(evaluate, load_heldout(heldout), settings.learn_dirs.runs / "scores", model="base",
+    return scored_once(evaluate, load_heldout(heldout), settings.learn_dirs.scores, model="base",
                        base=settings.base_model_path(), label=BASELINE_LABEL, url=url,
                        max_tokens=settings.learn.eval_max_tokens, concurrency=settings.learn.eval_concurrency,
                        timeout=settings.serve.request_timeout_s, progress=False).to_dict()
