@@ -17,6 +17,7 @@ import asyncio
 import importlib.metadata
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from learn.children import child_env
 from serve.lora_ops import ENV as LORA_OPS_ENV
@@ -121,7 +123,7 @@ def engine_command(settings: Settings, device: str) -> list[str]:
 
 def engine_env(settings: Settings, device: str, base: dict[str, str] | None = None) -> dict[str, str]:
     """The child's environment: only what a vLLM process reads (learn/children.py: no database URL, no
-    keys), runtime LoRA loading, and on CPU the KV cache size and core binding."""
+    keys), runtime LoRA loading, and on CPU the KV cache size, core binding and OpenMP runtime."""
     env = child_env(base=base)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if device == "cpu":
@@ -129,7 +131,18 @@ def engine_env(settings: Settings, device: str, base: dict[str, str] | None = No
         env["VLLM_CPU_OMP_THREADS_BIND"] = settings.engine.cpu_threads_bind or _all_cores()
         if settings.engine.grouped_lora:
             env[LORA_OPS_ENV] = "grouped"  # serve/lora_ops.py
+        preload = env.get("LD_PRELOAD", "")
+        if settings.engine.intel_openmp and (iomp := intel_openmp_library()) and not re.search(r"lib[ig]?omp", preload):
+            env["LD_PRELOAD"] = f"{iomp}:{preload}" if preload else str(iomp)
     return env
+
+
+def intel_openmp_library() -> Path | None:
+    """libiomp5 where the intel-openmp wheel puts it (<prefix>/lib), on x86-64 Linux; else None."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return None
+    path = Path(sys.prefix) / "lib" / "libiomp5.so"
+    return path if path.is_file() else None
 
 
 def _all_cores() -> str:

