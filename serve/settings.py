@@ -188,7 +188,7 @@ class EngineSettings(BaseModel):
     intel_openmp: bool = Field(True, description="CPU, x86-64 Linux: run the engine on Intel's OpenMP runtime (libiomp5 "
                                "from the intel-openmp package, which tunewheel[cpu] installs) in place of GNU's, as vLLM's "
                                "CPU guide advises: it goes in the engine's LD_PRELOAD, and vLLM then binds its threads and "
-                               "lets them sleep 5 ms after each step. Measured on 2 cores: 9-17% faster answers. Skipped "
+                               "lets them sleep 5 ms after each step. Measured on 2 cores: 7-17% faster answers. Skipped "
                                "where the library is not installed or LD_PRELOAD already names an OpenMP runtime.")
     gpu_memory_utilization: float = Field(0.85, description="vLLM --gpu-memory-utilization on GPU.")
     prompt_lookup: int = Field(0, ge=0, le=16, description="Speculative decoding by prompt lookup (vLLM's ngram proposer): "
