@@ -75,7 +75,8 @@ def run_recipe(model: Path, train_file: Path, val_file: Path, work: Path, steps:
     m = run(config, base_model=str(model), train_file=train_file, val_file=val_file, out_dir=out).metrics
     return {"tokens": m["tokens"], "seconds": m["train_seconds"], "tokens_per_s": m["tokens_per_s"],
             "padding_fraction": m["padding_fraction"], "scored_tokens": m["scored_tokens"], "steps": m["steps"],
-            "steps_at_threads": m["steps_at_threads"], "precision": m["precision"], "processes": m["processes"]}
+            "steps_at_threads": m["steps_at_threads"], "steps_at_processes": m["steps_at_processes"], "precision": m["precision"],
+            "processes": m["processes"]}
 
 
 def run_trl(model: Path, rows: list[dict], work: Path, steps: int, batch: int, max_length: int, threads: int) -> dict:
@@ -193,8 +194,8 @@ def main() -> None:
           "precision = bf16:      not measured (this CPU has no bf16 instructions)")
     if spread:
         print(f"processes = {spread['processes']}:         {spread['tokens_per_s']:7.1f} tokens/s, 1 thread each: "
-              f"{result['processes_ratio']:.2f}x the 1-thread figure (opt-in data-parallel: it does not give cores back "
-              "when traffic comes, learn/train_config.py)")
+              f"{result['processes_ratio']:.2f}x the 1-thread figure (opt-in data-parallel; steps each number of processes "
+              f"shared: {spread['steps_at_processes']})")
     print(f"what limits it: {share['scored_fraction']:.0%} of positions are scored, so the 49k-vocab head is about "
           f"{share['head_share_recipe']:.0%} of the recipe's FLOPs (it would be {share['head_share_full_head']:.0%} with the head "
           "at every position); the rest is the 30-layer decoder's forward and backward, the same work TRL does. On CPU, "

@@ -6,6 +6,7 @@
         cores.apply()                        # cheap; looks at the machine every `every_s`
         ...
     cores.steps_at                           # {threads: steps trained with that many}
+    cores.sharing                            # data-parallel: the processes that take a share of the step
 
 On a CPU box the trainer shares the cores with the vLLM engine. A busy engine keeps every core it
 was given (its OpenMP threads spin), and torch threads waiting on those cores made each step
@@ -22,8 +23,13 @@ limited to 2 CPUs on a 64-core host gets 2). Where /proc/stat cannot be read (no
 count stays at half.
 
 Data-parallel training (`CoreShare(processes=N)`, learn/train_dist.py) runs N such processes in
-lockstep: each counts the other N - 1 as its own (N times its own CPU time, not an "other"), and
-takes 1/N of what one process would take (at least 1 thread).
+lockstep, and they decide together: before each step one small all-reduce (about a millisecond)
+gives every process rank 0's clock and machine counter and the run's CPU time summed over all of
+them, so each reaches the same thread count T for the whole run. On CPU (`yielding`), T cores
+means min(N, T) processes take a share of the step with T // that many threads each, and the rest
+wait at the step's all-reduce, which blocks without using a core: two processes on 2 idle cores,
+one while the engine is busy, as one process would. Elsewhere (CUDA, FSDP, where every process
+must make every pass) all N keep their share and 1/N of T threads each.
 """
 
 from __future__ import annotations
@@ -70,15 +76,21 @@ def machine_busy_s(cpus: set[int] | None = None) -> float | None:
 class CoreShare:
     """The thread count for the next training step; see the module docstring."""
 
-    def __init__(self, fixed: int | None = None, *, cores: int | None = None, every_s: float = 3.0, processes: int = 1):
+    def __init__(self, fixed: int | None = None, *, cores: int | None = None, every_s: float = 3.0, processes: int = 1,
+                 yielding: bool = True):
+        """`processes`: the run's data-parallel processes; `yielding`: whether some of them may sit a step out."""
         self.cores = cores or usable_cores()
         self.floor = max(1, self.cores // 2)
         self.fixed = fixed
         self.every_s = every_s
         self.processes = processes
+        self.yielding = yielding and fixed is None
         self.steps_at: Counter[int] = Counter()
-        self.current = fixed or self.share(self.floor)
-        self._last = self._look()
+        self.steps_sharing: Counter[int] = Counter()  # {processes that took a share: steps}
+        self.sharing = processes
+        """How many of the run's processes take a share of the step about to run (ranks 0 to sharing - 1)."""
+        self.current = fixed or self.split(self.floor)
+        self._last = self._look() if processes == 1 else None  # several: the first step's shared look
         self._window_s = 0.5  # the first look (after loading data and model) may come early
 
     @staticmethod
@@ -86,11 +98,11 @@ class CoreShare:
         return time.monotonic(), machine_busy_s(), time.process_time()
 
     def others_busy(self, before: tuple, after: tuple) -> float | None:
-        """Cores the rest of the machine kept busy between two looks."""
+        """Cores the rest of the machine kept busy between two looks (the own CPU time: the whole run's)."""
         (t0, busy0, own0), (t1, busy1, own1) = before, after
         if busy0 is None or busy1 is None or t1 <= t0:
             return None
-        return max(0.0, (busy1 - busy0) - self.processes * (own1 - own0)) / (t1 - t0)
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
 
     def want(self, others: float | None) -> int:
         """Every core the others leave free, never fewer than half of them."""
@@ -98,24 +110,37 @@ class CoreShare:
             return self.floor
         return min(self.cores, max(self.floor, self.cores - math.ceil(others - SLACK)))
 
-    def share(self, threads: int) -> int:
-        """This process's part of a thread count meant for the whole run."""
-        return max(1, threads // self.processes)
+    def split(self, threads: int) -> int:
+        """A thread count for the whole run shared out: sets `sharing`, returns each sharing process's threads."""
+        self.sharing = min(self.processes, threads) if self.yielding else self.processes
+        return max(1, threads // self.sharing)
 
-    def step(self) -> int:
-        """The thread count for the step about to run (counted in `steps_at`)."""
+    def step(self, ranks=None) -> int:
+        """The thread count for the step about to run (counted in `steps_at`, over the sharing processes).
+        `ranks` (learn/train_dist.py; several processes): a collective, so every process calls it before every step."""
         if self.fixed is None:
-            now = self._look()
-            if now[0] - self._last[0] >= self._window_s:
-                self.current, self._last = self.share(self.want(self.others_busy(self._last, now))), now
+            now = self._look() if self.processes == 1 else self._shared_look(ranks)
+            if self._last is None:
+                self._last = now
+            elif now[0] - self._last[0] >= self._window_s:
+                self.current, self._last = self.split(self.want(self.others_busy(self._last, now))), now
                 self._window_s = self.every_s
-        self.steps_at[self.current] += 1
+        self.steps_at[self.current * self.sharing] += 1
+        self.steps_sharing[self.sharing] += 1
         return self.current
 
-    def apply(self) -> int:
-        """`step()`, with torch's thread count set to it when it changed."""
+    @classmethod
+    def _shared_look(cls, ranks) -> tuple[float, float | None, float]:
+        """The same look in every process: rank 0's clock and machine counter, the CPU time of them all."""
+        t, busy, own = cls._look()
+        main = ranks.rank == 0
+        t, busy, own = ranks.sum([t if main else 0.0, (-1.0 if busy is None else busy) if main else 0.0, own])
+        return t, None if busy < 0 else busy, own
+
+    def apply(self, ranks=None) -> int:
+        """`step(ranks)`, with torch's thread count set to it when it changed."""
         import torch
 
-        if self.step() != torch.get_num_threads():
+        if self.step(ranks) != torch.get_num_threads():
             torch.set_num_threads(self.current)
         return self.current

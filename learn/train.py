@@ -161,9 +161,11 @@ def adapter_state(model) -> dict:
 
 
 def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, steps_at: dict[int, int], started: float,
-            processes: int = 1, precision: str = "fp32") -> dict:
-    """The run's figures: totals over the stages, the last stage's losses, and each stage's own. `threads` is per process;
-    `examples_seen`: the training examples the steps were computed on, over all processes (each by exactly one)."""
+            processes: int = 1, precision: str = "fp32", steps_sharing: dict[int, int] | None = None) -> dict:
+    """The run's figures: totals over the stages, the last stage's losses, and each stage's own. `threads`: the most
+    the run's processes used together in a step (`steps_at_threads`: steps at each count; `steps_at_processes`: steps
+    that so many processes shared, learn/cores.py); `examples_seen`: the training examples the steps were computed on,
+    over all processes (each by exactly one)."""
     done = list(stage_metrics.values())
     tokens, seconds, cells = (sum(m[k] for m in done) for k in ("tokens", "train_seconds", "padded_cells"))
     examples = {k: sum(m["examples"][k] for m in done) for k in ("train", "val", "dropped")}
@@ -174,6 +176,7 @@ def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, steps
             "examples_seen": sum(m["examples_seen"] for m in done),
             "stages": stage_metrics, "skipped_stages": skipped, "device": device, "precision": precision,
             "threads": max(steps_at, default=0), "steps_at_threads": {str(k): v for k, v in sorted(steps_at.items())},
+            "steps_at_processes": {str(k): v for k, v in sorted((steps_sharing or {processes: len(losses)}).items())},
             "train_seconds": seconds, "duration_s": time.time() - started}
 
 
@@ -202,7 +205,7 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
     forward = forward_precision(precision, device)
     try:
         # -- setup: data first (a refused file costs no model load), then the model
-        cores = CoreShare(config.threads, processes=ranks.world)
+        cores = CoreShare(config.threads, processes=ranks.world, yielding=device == "cpu" and not config.fsdp)
         torch.set_num_threads(cores.current)
         todo, skipped = read_data(config, base_model, stages, StageFiles(*(Path(f) if f else None for f in files.values())))
         set_seed(config.seed)
@@ -245,13 +248,13 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
                 for g in range(0, len(batches), config.grad_accum):
                     if len(step_losses) - first_step >= total_steps:
                         break
-                    cores.apply()
+                    cores.apply(ranks)  # several processes: decided together, and maybe not all take a share
                     tick = time.perf_counter()
                     micro = [[stage.train_set[i] for i in b] for b in batches[g: g + config.grad_accum]]
                     n_units = sum(stage.units(m) for m in micro)  # the step's mean is over all of it, as one large batch
                     step_loss, n_tokens, n_cells = 0.0, 0, 0
                     for examples in micro:
-                        mine = ranks.shard(examples)  # alone: all of it
+                        mine = ranks.shard(examples, cores.sharing)  # alone: all of it
                         with forward():
                             out = stage.micro_loss(model, mine, ranks)
                         if out is None:  # no share of this micro-batch here
@@ -296,7 +299,8 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
                 "examples_seen": sum(seen_by), "examples_seen_per_process": seen_by}
 
         # -- save (rank 0; the others hold the same weights)
-        metrics = summary(stage_metrics, skipped, step_losses, device, dict(cores.steps_at), started, ranks.world, precision)
+        metrics = summary(stage_metrics, skipped, step_losses, device, dict(cores.steps_at), started, ranks.world, precision,
+                          dict(cores.steps_sharing))
         whole = ranks.full_state({k: v for k, v in model.state_dict().items() if "lora_" in k}) if ranks.sharded else None
         if ranks.main:
             model.save_pretrained(tmp, **({"state_dict": whole} if whole is not None else {}))

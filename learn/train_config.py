@@ -98,13 +98,15 @@ class TrainConfig(BaseModel):
     """torch CPU threads; default adaptive (learn/cores.py): every core nobody else is using, and half the cores
     (at least 1) while others are busy. A CPU inference engine usually runs on the same cores, and OpenMP threads
     waiting on busy cores made each step 10-20x slower (2 threads, 2 cores); an idle engine uses almost none.
-    With processes > 1: per process (adaptive: each process gets its share of what one process would take)."""
+    With processes > 1: per process (adaptive: the processes decide together what one process would take; on CPU,
+    while the engine is busy, some of them sit steps out instead of sharing fewer cores: learn/cores.py)."""
     processes: int = 1
     """Data-parallel training processes on this machine. 1: the recipe in one process. N > 1: train_in_child (the
     learner's way) starts it under `accelerate launch`: on CPU, N processes over gloo sharing the cores; on CUDA,
     one GPU each over NCCL. Each step's conversations are split between them, so batch_size and grad_accum size
-    the whole step and the steps and examples seen are those of one process (learn/train_dist.py). Each process
-    holds the whole model unless fsdp is on."""
+    the whole step and the steps and examples seen are those of one process (learn/train_dist.py). On CPU they give
+    cores back to a busy engine as one process does (learn/cores.py). Each process holds the whole model unless
+    fsdp is on."""
     fsdp: bool = False
     """With processes > 1: shard the base model's decoder layers over the processes (PyTorch FSDP2 `fully_shard`),
     so each holds 1/N of their weights and gathers a layer only while it runs: for a base model too large for one

@@ -72,9 +72,11 @@ class Ranks:
         which is the process train_in_child started and whose folder it removes after a crash."""
         return os.getpid() if self.world == 1 else os.getppid()
 
-    def shard(self, items):
-        """This process's share: every world-th item, from the rank-th."""
-        return items[self.rank::self.world]
+    def shard(self, items, sharing: int | None = None):
+        """This process's share: every world-th item, from the rank-th. `sharing` < world: only the first `sharing`
+        processes take a share (every sharing-th item), the others none (learn/cores.py, on a busy CPU)."""
+        sharing = sharing or self.world
+        return items[self.rank::sharing] if self.rank < sharing else items[:0]
 
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over the processes (float64)."""

@@ -79,17 +79,60 @@ def test_each_process_takes_a_disjoint_share_and_together_all_of_it():
     assert SOLO.shard(batch) == batch and SOLO.sum([1.5, 2]) == [1.5, 2] and SOLO.each(3) == [3]
 
 
-def test_processes_share_the_threads_one_process_would_take():
-    assert CoreShare(cores=8, processes=2).current == 2  # half the cores while unknown, split in two
-    share = CoreShare(cores=8, processes=2)
-    # 10 s apart: the machine was busy 30 CPU-seconds, 10 of them this process's and as many its sibling's -> others 1.0
-    assert share.others_busy((0.0, 100.0, 5.0), (10.0, 130.0, 15.0)) == pytest.approx(1.0)
-    assert share.share(share.want(1.0)) == 3 and share.share(share.want(0.0)) == 4
-    assert CoreShare(cores=2, processes=2).share(2) == 1 and CoreShare(cores=2, processes=4).share(1) == 1
+class Sibling(Ranks):
+    """Rank 0 of 2, in one process: its sibling's look is its own (the same CPU time, no clock or counter of its own)."""
+
+    def sum(self, values):
+        t, busy, own = values
+        return [t, busy, 2 * own]
 
 
-def one_step(rank: int, port: int, out: str) -> None:
-    """In a process of a 2-process gloo group (joined as under the launcher): this rank's share of a 5-row batch, one step."""
+def test_processes_decide_together_and_sit_steps_out_while_the_cpu_is_busy(monkeypatch):
+    from learn import cores as cores_module
+
+    clock = {"t": 0.0, "busy": 0.0, "own": 0.0}
+    monkeypatch.setattr(cores_module.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(cores_module.time, "process_time", lambda: clock["own"])
+    monkeypatch.setattr(cores_module, "machine_busy_s", lambda: clock["busy"])
+    ranks = Sibling(rank=0, world=2)
+
+    def run(share: CoreShare, seconds: float, each: float, others: float) -> tuple[int, int]:
+        clock["t"] += seconds
+        clock["own"] += each * seconds
+        clock["busy"] += (2 * each + others) * seconds
+        return share.step(ranks), share.sharing
+
+    two = CoreShare(cores=2, processes=2, every_s=3.0)
+    assert (two.current, two.sharing) == (1, 1)  # before any look: half the cores, so one process
+    assert run(two, 1.0, each=0.5, others=0.0) == (1, 1)  # the first step only takes the shared look
+    assert run(two, 1.0, each=0.5, others=0.0) == (1, 2)  # an idle engine: both processes, a thread each
+    assert run(two, 3.0, each=0.5, others=1.0) == (1, 1)  # traffic: one process trains, the other waits
+    assert run(two, 3.0, each=0.9, others=0.05) == (1, 2)  # quiet again
+    assert two.steps_sharing == {1: 2, 2: 2} and two.steps_at == {1: 2, 2: 2}
+
+    clock.update(t=0.0, busy=0.0, own=0.0)
+    eight = CoreShare(cores=8, processes=2)
+    assert (eight.current, eight.sharing) == (2, 2)  # half of 8 cores, split in two
+    run(eight, 1.0, each=1.0, others=0.0)
+    assert run(eight, 1.0, each=4.0, others=0.0) == (4, 2)
+    assert run(eight, 3.0, each=3.0, others=1.0) == (3, 2)  # 7 cores free: 3 threads each
+
+    clock.update(t=0.0, busy=0.0, own=0.0)
+    cuda = CoreShare(cores=2, processes=2, yielding=False)  # CUDA or FSDP: every process makes every pass
+    run(cuda, 1.0, each=0.5, others=0.0)
+    assert run(cuda, 3.0, each=0.5, others=1.0) == (1, 2) and cuda.steps_sharing == {2: 2}
+    assert (CoreShare(3, cores=2, processes=2).sharing, CoreShare(3, cores=2, processes=2).step(ranks)) == (2, 3)
+
+
+def test_a_process_that_sits_a_step_out_takes_no_share():
+    batch = list(range(5))
+    assert Ranks(rank=0, world=2).shard(batch, 1) == batch and Ranks(rank=1, world=2).shard(batch, 1) == []
+    assert [Ranks(rank=r, world=2).shard(batch, 2) for r in (0, 1)] == [[0, 2, 4], [1, 3]]
+
+
+def one_step(rank: int, port: int, out: str, sharing: int) -> None:
+    """In a process of a 2-process gloo group (joined as under the launcher): this rank's share of a 5-row batch, one step
+    (`sharing` 1: rank 1 sits it out)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import torch
@@ -100,7 +143,7 @@ def one_step(rank: int, port: int, out: str) -> None:
     if rank == 1:
         torch.nn.init.zeros_(model.weight)  # rank 0's weights win
     ranks.broadcast(list(model.parameters()))
-    mine = ranks.shard(list(range(5)))
+    mine = ranks.shard(list(range(5)), sharing)
     loss = ((model(x[mine]) - y[mine]) ** 2).sum() / 5  # divided by the whole batch's units, as the recipe does
     loss.backward()
     ranks.sum_grads(list(model.parameters()))
@@ -109,7 +152,8 @@ def one_step(rank: int, port: int, out: str) -> None:
     torch.save({"grads": [p.grad for p in model.parameters()], "loss": total[0], "rows": total[1]}, f"{out}/{rank}.pt")
 
 
-def test_two_gloo_processes_sum_their_shares_into_the_whole_batch_gradient(tmp_path):
+@pytest.mark.parametrize("sharing", [2, 1])
+def test_two_gloo_processes_sum_their_shares_into_the_whole_batch_gradient(tmp_path, sharing):
     import multiprocessing
     import socket
 
@@ -119,7 +163,7 @@ def test_two_gloo_processes_sum_their_shares_into_the_whole_batch_gradient(tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     spawn = multiprocessing.get_context("spawn")
-    workers = [spawn.Process(target=one_step, args=(rank, port, str(tmp_path))) for rank in (0, 1)]
+    workers = [spawn.Process(target=one_step, args=(rank, port, str(tmp_path), sharing)) for rank in (0, 1)]
     for w in workers:
         w.start()
     for w in workers:
@@ -172,7 +216,7 @@ def test_two_processes_train_like_one_and_both_adapters_serve(tmp_path, model_di
     runs = {}
     for n in (1, 2):
         config = TrainConfig(rank=8, alpha=16, max_length=256, batch_size=4, epochs=1, learning_rate=1e-3, warmup_ratio=0.0,
-                             device="cpu", processes=n)
+                             device="cpu", processes=n, threads=1)  # a fixed count: both processes share every step
         started = time.monotonic()
         result = train_in_child(config, base_model=str(model_dir), train_file=data, out_dir=tmp_path / f"chat-{n}p")
         runs[n] = (result, json.loads((result.out_dir / "report.json").read_text()), time.monotonic() - started)
@@ -221,7 +265,8 @@ def test_fsdp_trains_the_preference_stages_like_plain_data_parallel(tmp_path, ti
     results = {}
     for fsdp in (False, True):
         config = TrainConfig(rank=8, alpha=16, learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant", batch_size=4,
-                             max_length=128, device="cpu", val_fraction=0.2, processes=2, fsdp=fsdp, dropout=0.0)
+                             max_length=128, device="cpu", val_fraction=0.2, processes=2, fsdp=fsdp, dropout=0.0,
+                             threads=1)  # fixed: both split every step the same way (adaptive, a busy CPU would differ)
         results[fsdp] = train_in_child(config, base_model=str(tiny_model), stages=("sft", "kto", "dpo"),
                                        out_dir=tmp_path / f"fsdp-{fsdp}", **files)
     plain, sharded = results[False], results[True]
