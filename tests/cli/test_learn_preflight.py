@@ -1,7 +1,8 @@
 """`tunewheel learn run` fails in seconds, before training anything, when the cycle could not finish.
 
 Wrong key, no key, a key that is not an admin key, no gateway, a broken held-out file: each is one
-line naming the fix, within 10 s, and leaves no cycle, no snapshot and no adapter behind. The
+line naming the fix, and leaves no cycle, no snapshot and no adapter behind (nothing curated or
+trained first). How long it takes is not checked here: no timings in tests. The
 gateway here is the real app with API keys, in front of a stand-in engine (no model needed).
 `eval` gets the same checks for its key and its model name.
 """
@@ -9,7 +10,6 @@ gateway here is the real app with API keys, in front of a stand-in engine (no mo
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from sqlmodel import Session, select
@@ -23,7 +23,6 @@ from tests.cli.test_failures import HELDOUT
 from tests.fixtures.gateway import start_gateway
 
 USER, ADMIN = "user-key", "admin-key"
-LIMIT_S = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +45,9 @@ def learner(tmp_path):
                       "TUNEWHEEL_LEARN__HELDOUT_FILE": str(heldout), "TUNEWHEEL_API_KEY": ""}
 
 
-def learn_run(tmp_path, env, *args: str) -> tuple[str, float]:
-    """Run `learn run`, check it failed as the pre-flight fails, and return (its error line, seconds)."""
-    started = time.monotonic()
+def learn_run(tmp_path, env, *args: str) -> str:
+    """Run `learn run`, check it failed as the pre-flight fails, and return its error line."""
     result = invoke("learn", "run", *args, env=env)
-    seconds = time.monotonic() - started
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
     data = tmp_path / "data"
@@ -58,32 +55,31 @@ def learn_run(tmp_path, env, *args: str) -> tuple[str, float]:
     if (data / "tunewheel.db").exists():
         with Session(make_db(f"sqlite:///{data / 'tunewheel.db'}")) as s:
             assert s.exec(select(LearnerCycle)).all() == [], "no cycle may have started"
-    return result.output.strip(), seconds
+    return result.output.strip()
 
 
 def test_wrong_key_fails_before_training(keyed_gateway, learner):
     tmp, env = learner
-    line, seconds = learn_run(tmp, {**env, "TUNEWHEEL_API_KEY": "not-the-key"}, "--url", keyed_gateway.url)
+    line = learn_run(tmp, {**env, "TUNEWHEEL_API_KEY": "not-the-key"}, "--url", keyed_gateway.url)
     assert "refused the API key" in line and "TUNEWHEEL_API_KEY" in line and "--api-key" in line
-    assert seconds < LIMIT_S
 
 
 def test_no_key_names_the_variable(keyed_gateway, learner):
     tmp, env = learner
-    line, seconds = learn_run(tmp, env, "--url", keyed_gateway.url)
-    assert "needs an API key" in line and "TUNEWHEEL_API_KEY" in line and seconds < LIMIT_S
+    line = learn_run(tmp, env, "--url", keyed_gateway.url)
+    assert "needs an API key" in line and "TUNEWHEEL_API_KEY" in line
 
 
 def test_a_user_key_is_not_enough_for_the_learner(keyed_gateway, learner):
     tmp, env = learner
-    line, seconds = learn_run(tmp, env, "--url", keyed_gateway.url, "--api-key", USER)
-    assert "not an admin key" in line and "serve.admin_keys" in line and seconds < LIMIT_S
+    line = learn_run(tmp, env, "--url", keyed_gateway.url, "--api-key", USER)
+    assert "not an admin key" in line and "serve.admin_keys" in line
 
 
 def test_no_gateway_fails_before_training(learner):
     tmp, env = learner
-    line, seconds = learn_run(tmp, {**env, "TUNEWHEEL_API_KEY": ADMIN}, "--url", f"http://127.0.0.1:{free_port()}")
-    assert "cannot reach the gateway" in line and "tunewheel serve" in line and seconds < LIMIT_S
+    line = learn_run(tmp, {**env, "TUNEWHEEL_API_KEY": ADMIN}, "--url", f"http://127.0.0.1:{free_port()}")
+    assert "cannot reach the gateway" in line and "tunewheel serve" in line
 
 
 def test_broken_heldout_file_fails_before_training(keyed_gateway, learner):
@@ -91,9 +87,8 @@ def test_broken_heldout_file_fails_before_training(keyed_gateway, learner):
     broken = tmp / "broken.jsonl"
     broken.write_text(json.dumps(HELDOUT) + "\n" + '{"id": "s2", "source": "x", "story": "y", "turns": []}\n')
     env = {**env, "TUNEWHEEL_LEARN__HELDOUT_FILE": str(broken), "TUNEWHEEL_API_KEY": ADMIN}
-    line, seconds = learn_run(tmp, env, "--url", keyed_gateway.url)
+    line = learn_run(tmp, env, "--url", keyed_gateway.url)
     assert f"learn.heldout_file {broken} does not parse" in line and f"{broken}:2" in line and "'turns'" in line
-    assert seconds < LIMIT_S
 
 
 def test_eval_checks_key_and_model_before_scoring(keyed_gateway, learner):
