@@ -201,8 +201,9 @@ def main() -> None:
           "at every position); the rest is the 30-layer decoder's forward and backward, the same work TRL does. On CPU, "
           "TRL's fused head scores every position (it compacts to scored ones only on Triton devices) and also computes "
           "entropy and accuracy; it batches in random order, so it pads more. Within the recipe's step, torch.profiler shows "
-          "the frozen matmuls (forward and input gradients) dominate, and peft's LoRA dropout masks (one bernoulli draw per "
-          "adapted layer) take about a fifth of the forward. Wall time also depends on the other processes sharing the cores.")
+          "the frozen matmuls (forward and input gradients) dominate; peft's LoRA dropout masks, a Bernoulli draw per value "
+          "and adapted layer that did not spread over threads (9% of a step at 1 thread, 15% at 2), come from 64-bit draws "
+          "instead (learn/dropout.py). Wall time also depends on the other processes sharing the cores.")
     print(f"wrote {args.out}")
 
 

@@ -55,6 +55,7 @@ from pydantic import ValidationError
 
 from learn.children import die_with_parent
 from learn.cores import CoreShare
+from learn.dropout import cheap_cpu_dropout
 from learn.train_child import train_in_child
 from learn.train_config import TrainConfig, TrainError, TrainResult, check_paths, run_record
 from learn.train_data import length_grouped_batches
@@ -147,10 +148,14 @@ def load_model(config: TrainConfig, base_model: str, device: str, start_adapter:
     else:
         model.to(device)
     if start_adapter is not None:
-        return PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True), tokenizer
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora), tokenizer
+        model = PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True)
+    else:
+        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                          target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    if device == "cpu":
+        cheap_cpu_dropout(model)  # torch's Bernoulli masks were 9-15% of a CPU step (learn/dropout.py)
+    return model, tokenizer
 
 
 def adapter_state(model) -> dict:

@@ -55,7 +55,8 @@ class TrainConfig(BaseModel):
     alpha: int = 32
     """LoRA alpha (the update is scaled by alpha / r)."""
     dropout: float = 0.05
-    """Dropout on the LoRA input."""
+    """Dropout on the LoRA input. On CPU its masks come from 64-bit draws (learn/dropout.py), not torch's slower
+    Bernoulli sampling, and p is kept to 1/131072."""
     learning_rate: float = 2e-4
     """Peak AdamW learning rate."""
     lr_scheduler: Literal[SCHEDULERS] = "cosine"  # type: ignore[valid-type]
