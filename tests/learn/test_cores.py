@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from learn import cores as cores_module
 from learn.cores import CoreShare, machine_busy_s, usable_cores
 
 
@@ -23,11 +22,8 @@ def test_others_are_the_machine_minus_this_process():
     assert share.others_busy((0.0, None, 5.0), (10.0, 114.0, 14.0)) is None
 
 
-def test_threads_follow_the_load_between_steps(monkeypatch):
-    clock = {"t": 0.0, "busy": 0.0, "own": 0.0}
-    monkeypatch.setattr(cores_module.time, "monotonic", lambda: clock["t"])
-    monkeypatch.setattr(cores_module.time, "process_time", lambda: clock["own"])
-    monkeypatch.setattr(cores_module, "machine_busy_s", lambda: clock["busy"])
+def test_threads_follow_the_load_between_steps(machine_clock):
+    clock = machine_clock
     share = CoreShare(cores=2, every_s=3.0)
     assert share.current == 1  # before any look: half
 

@@ -87,13 +87,8 @@ class Sibling(Ranks):
         return [t, busy, 2 * own]
 
 
-def test_processes_decide_together_and_sit_steps_out_while_the_cpu_is_busy(monkeypatch):
-    from learn import cores as cores_module
-
-    clock = {"t": 0.0, "busy": 0.0, "own": 0.0}
-    monkeypatch.setattr(cores_module.time, "monotonic", lambda: clock["t"])
-    monkeypatch.setattr(cores_module.time, "process_time", lambda: clock["own"])
-    monkeypatch.setattr(cores_module, "machine_busy_s", lambda: clock["busy"])
+def test_processes_decide_together_and_sit_steps_out_while_the_cpu_is_busy(machine_clock):
+    clock = machine_clock
     ranks = Sibling(rank=0, world=2)
 
     def run(share: CoreShare, seconds: float, each: float, others: float) -> tuple[int, int]:
