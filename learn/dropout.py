@@ -34,8 +34,9 @@ class MaskDropout(torch.nn.Module):
         self.cut = round(p * LEVELS)  # draws below it drop their position
         self.scale = LEVELS / (LEVELS - self.cut)
 
-    def keep_mask(self, shape: torch.Size, numel: int) -> torch.Tensor:
+    def keep_mask(self, shape: torch.Size) -> torch.Tensor:
         """A bool mask of `shape`: each position kept with probability 1 - cut / 65536."""
+        numel = shape.numel()
         words = torch.empty(-(-numel // 3), dtype=torch.int64).random_()  # 63 random bits each
         values = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:numel]  # the three low 16-bit quarters
         return (values >= self.cut - LEVELS // 2).view(shape)  # int16 runs from -32768: the lowest `cut` values drop
@@ -43,7 +44,7 @@ class MaskDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.cut == 0:
             return x
-        return x.mul(self.keep_mask(x.shape, x.numel())).mul_(self.scale)  # autograd keeps the bool mask, as dropout does
+        return x.mul(self.keep_mask(x.shape)).mul_(self.scale)  # autograd keeps the bool mask, as dropout does
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

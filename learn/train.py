@@ -165,8 +165,8 @@ def adapter_state(model) -> dict:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, steps_at: dict[int, int], started: float,
-            processes: int = 1, precision: str = "fp32", steps_sharing: dict[int, int] | None = None) -> dict:
+def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, steps_at: dict[int, int],
+            steps_sharing: dict[int, int], started: float, processes: int = 1, precision: str = "fp32") -> dict:
     """The run's figures: totals over the stages, the last stage's losses, and each stage's own. `threads`: the most
     the run's processes used together in a step (`steps_at_threads`: steps at each count; `steps_at_processes`: steps
     that so many processes shared, learn/cores.py); `examples_seen`: the training examples the steps were computed on,
@@ -181,7 +181,7 @@ def summary(stage_metrics: dict, skipped: dict, losses: list, device: str, steps
             "examples_seen": sum(m["examples_seen"] for m in done),
             "stages": stage_metrics, "skipped_stages": skipped, "device": device, "precision": precision,
             "threads": max(steps_at, default=0), "steps_at_threads": {str(k): v for k, v in sorted(steps_at.items())},
-            "steps_at_processes": {str(k): v for k, v in sorted((steps_sharing or {processes: len(losses)}).items())},
+            "steps_at_processes": {str(k): v for k, v in sorted(steps_sharing.items())},
             "train_seconds": seconds, "duration_s": time.time() - started}
 
 
@@ -304,8 +304,8 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
                 "examples_seen": sum(seen_by), "examples_seen_per_process": seen_by}
 
         # -- save (rank 0; the others hold the same weights)
-        metrics = summary(stage_metrics, skipped, step_losses, device, dict(cores.steps_at), started, ranks.world, precision,
-                          dict(cores.steps_sharing))
+        metrics = summary(stage_metrics, skipped, step_losses, device, dict(cores.steps_at), dict(cores.steps_sharing),
+                          started, ranks.world, precision)
         whole = ranks.full_state({k: v for k, v in model.state_dict().items() if "lora_" in k}) if ranks.sharded else None
         if ranks.main:
             model.save_pretrained(tmp, **({"state_dict": whole} if whole is not None else {}))
