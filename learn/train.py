@@ -144,7 +144,8 @@ def load_model(config: TrainConfig, base_model: str, device: str, start_adapter:
         kwargs["device_map"] = {"": torch.device(device).index or 0}  # this process's GPU (cuda:N under the launcher)
     model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
     if config.qlora:
-        model = prepare_model_for_kbit_training(model)
+        # peft's gradient checkpointing, non-reentrant as torch asks (a plain call warned on the H200 run)
+        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.to(device)
     if start_adapter is not None:
