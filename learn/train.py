@@ -60,7 +60,7 @@ from learn.train_child import train_in_child
 from learn.train_config import TrainConfig, TrainError, TrainResult, check_paths, run_record
 from learn.train_data import length_grouped_batches
 from learn.train_dist import join
-from learn.train_stages import STAGES, StageFiles, check_cut, read_stages
+from learn.train_stages import STAGES, StageFiles, check_cut, check_finite, read_stages
 
 MAX_GRAD_NORM = 1.0
 
@@ -270,6 +270,7 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
                         step_loss, n_tokens, n_cells, seen = step_loss + loss.item(), n_tokens + out[1], n_cells + out[2], seen + len(mine)
                     ranks.sum_grads(trainable)  # every process now holds the whole step's gradient
                     step_loss, n_tokens, n_cells = ranks.sum([step_loss, n_tokens, n_cells])
+                    check_finite(step_loss, f"{stage.name} step {len(step_losses) - first_step + 1}")  # every process: same sum
                     torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
                     optimizer.step()
                     scheduler.step()
@@ -283,6 +284,7 @@ def train(config: TrainConfig, *, base_model: str, out_dir: str | Path, train_fi
                 model.eval()
                 with forward():
                     val_loss = stage.validation_loss(model, ranks)
+                check_finite(val_loss, f"{stage.name} validation after epoch {epoch}")
                 epochs_log.append({"stage": stage.name, "epoch": epoch, "step": len(step_losses), "val_loss": val_loss,
                                    "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1)})
                 if ranks.main:

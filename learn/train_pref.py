@@ -215,6 +215,17 @@ def collate_packed(rows: list[dict], pad_id: int, device) -> dict:
             "targets": [t.to(device) for t in rows_of], "rows": len(rows)}
 
 
+def mask_as(mask, dtype):
+    """The additive mask in the dtype the attention runs in, its blocked cells at that dtype's lowest finite value.
+    fp32's lowest is -inf in bf16, and CUDA's attention kernels turned that into NaN losses (KTO and DPO on an H200,
+    bf16 LoRA); the model's own masks use the finite minimum of its dtype for the same reason."""
+    import torch
+
+    if mask.dtype == dtype:
+        return mask
+    return mask.clamp(min=torch.finfo(dtype).min).to(dtype)
+
+
 def packed_logps(model, batch: dict):
     """(log p(first answer), log p(second answer)) of each packed row: one decoder pass, the head at scored positions."""
     import torch
@@ -222,8 +233,8 @@ def packed_logps(model, batch: dict):
     from peft import PeftModel
 
     lm = model.get_base_model() if isinstance(model, PeftModel) else model
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["mask"], position_ids=batch["positions"],
-                              use_cache=False).last_hidden_state
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask_as(batch["mask"], lm.get_input_embeddings().weight.dtype),
+                              position_ids=batch["positions"], use_cache=False).last_hidden_state
     out = []
     for targets in batch["targets"]:
         logits = head_logits(lm, hidden[targets[:, 0], targets[:, 1]])

@@ -28,6 +28,7 @@ before a model loads; a stage with fewer than `min_examples` rows is skipped wit
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -280,6 +281,14 @@ def read_stages(config: TrainConfig, count_tokens, names: tuple[str, ...] | list
     if not stages:
         raise TrainError("nothing to train: " + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
     return stages, skipped
+
+
+def check_finite(loss: float, where: str) -> None:
+    """A TrainError for a NaN or infinite loss: one more step would spread it into every LoRA weight, and a stage whose
+    validation loss is NaN would end as if it had not run."""
+    if not math.isfinite(loss):
+        raise TrainError(f"{where}: the loss is {loss}, so training stopped and nothing was saved (a numeric overflow; "
+                         "bf16 on CUDA is the usual cause: report it with the run's data, or train with qlora or on CPU)")
 
 
 def check_cut(config: TrainConfig, stage: str, train_set: list, val_set: list) -> None:

@@ -111,6 +111,21 @@ def test_short_run_learns_and_writes_a_finished_adapter(tmp_path, tiny_model, pr
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
 
 
+def test_a_nan_loss_stops_the_run_and_saves_nothing(tmp_path, tiny_model, data, monkeypatch):
+    import learn.train_stages
+
+    calls, real = [], learn.train_stages.scored_loss
+
+    def nan_at_the_second_step(model, batch):  # as a bf16 overflow did on CUDA (learn/train_pref.py mask_as)
+        calls.append(1)
+        return real(model, batch) * (float("nan") if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(learn.train_stages, "scored_loss", nan_at_the_second_step)
+    with pytest.raises(TrainError, match=r"sft step 2: the loss is nan, so training stopped and nothing was saved"):
+        train(tiny_config(max_steps=4), **paths(tiny_model, data, tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
 def test_command_line_trains_with_flags_and_records_the_paths(tmp_path, tiny_model, data, capsys):
     out = tmp_path / "cli-out"
     argv = ["--base", str(tiny_model), "--train", str(data), "--out", str(out), "--rank", "4", "--max-steps", "1",

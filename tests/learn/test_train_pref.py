@@ -123,6 +123,29 @@ def test_one_packed_pass_gives_both_answers_log_probs_as_two_passes_do(tiny_mode
     assert all(n < len(e["chosen"]["input_ids"]) + len(e["rejected"]["input_ids"]) - 20 for n, e in zip(lengths, examples))  # the prompt once
 
 
+def test_the_packed_mask_reaches_attention_finite_and_in_the_models_dtype(tiny_model):
+    """An fp32 mask's lowest value is -inf in bf16, which CUDA's attention turned into NaN KTO and DPO losses."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from learn.train_pref import collate_packed, encode_dpo, packed_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    examples = encode_dpo(tokenizer, preference_rows(3)[1], max_length=128)
+    batch = collate_packed([e["packed"] for e in examples], tokenizer.pad_token_id, "cpu")
+    logps = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype).eval()
+        seen = []
+        model.get_decoder().register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"]), with_kwargs=True)
+        with torch.no_grad():
+            logps[dtype] = packed_logps(model, batch)
+        assert seen[0].dtype == dtype and bool(torch.isfinite(seen[0]).all())
+        assert bool((seen[0] == torch.finfo(dtype).min).any())  # the blocked cells are still blocked
+    for fp32, bf16 in zip(logps[torch.float32], logps[torch.bfloat16]):
+        assert torch.allclose(fp32, bf16.float(), rtol=0.05)
+
+
 def test_pairs_become_unpaired_rows_once():
     kto, pairs = preference_rows(6)
     rows = kto_rows(kto, pairs)
