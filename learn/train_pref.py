@@ -217,8 +217,8 @@ def collate_packed(rows: list[dict], pad_id: int, device) -> dict:
 
 def mask_as(mask, dtype):
     """The additive mask in the dtype the attention runs in, its blocked cells at that dtype's lowest finite value.
-    fp32's lowest is -inf in bf16, and CUDA's attention kernels turned that into NaN losses (KTO and DPO on an H200,
-    bf16 LoRA); the model's own masks use the finite minimum of its dtype for the same reason."""
+    fp32's lowest is -inf in bf16, which CUDA's fused attention kernels are known to turn into NaN: the likely cause of
+    the NaN KTO and DPO losses of bf16 LoRA on an H200. transformers builds its own masks the same way."""
     import torch
 
     if mask.dtype == dtype:
