@@ -5,8 +5,8 @@
 
 Not part of `make bench`: it needs a CUDA GPU (and bitsandbytes for the QLoRA row), which CI and the
 2-core development machines do not have. Each row trains one adapter with learn.train.train in this
-process, with the settings the seeded demo's learner uses ([learn.train] rank 16, learning rate 2e-4,
-batch 4, max_length 384, one epoch, seed 0), and records the recipe's own figures (steps, tokens/s,
+process, with TrainConfig's defaults, which are the seeded demo's learner settings (rank 16, learning rate
+2e-4, batch 4, max_length 384, one epoch, seed 0), and records the recipe's own figures (steps, tokens/s,
 train and validation loss) beside the peak GPU memory and the wall time from start to saved adapter.
 A throughput row repeats bf16 LoRA at a larger batch, and a short QLoRA row runs in a child process, as the
 learner runs training (learn/train_child.py). `--stages sft kto dpo` with `--preferences` and `--pairs` runs the
@@ -29,17 +29,15 @@ sys.path.insert(0, str(REPO))
 from learn.train import TrainConfig, train  # noqa: E402
 from learn.train_child import train_in_child  # noqa: E402
 
-SEEDED = dict(rank=16, alpha=32, dropout=0.05, learning_rate=2e-4, lr_scheduler="cosine", warmup_ratio=0.05, epochs=1,
-              batch_size=4, max_length=384, seed=0)
-
 
 def run_row(name: str, args: argparse.Namespace, child: bool = False, **overrides) -> dict:
     """One training run on `args`' model and data: the recipe's figures plus peak GPU memory and wall time. In this
     process, or with `child` as the learner runs it (train_in_child: a child process; no memory figure then)."""
     import torch
 
-    steps = {"max_steps": args.max_steps} if args.max_steps else {}
-    config = TrainConfig(device=args.device, **{**SEEDED, "learning_rate": args.learning_rate, **steps, **overrides})
+    caps = [n for n in (args.max_steps, overrides.pop("max_steps", None)) if n]  # the row's own cap and --max-steps: the lower
+    config = TrainConfig(device=args.device, learning_rate=args.learning_rate, **overrides,
+                         **({"max_steps": min(caps)} if caps else {}))
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -71,11 +69,11 @@ def main() -> None:
     parser.add_argument("--preferences", type=Path, help="KTO rows, for --stages kto")
     parser.add_argument("--pairs", type=Path, help="DPO pairs, for --stages dpo")
     parser.add_argument("--stages", nargs="+", default=["sft"], help="default: sft")
-    parser.add_argument("--learning-rate", type=float, default=SEEDED["learning_rate"])
+    parser.add_argument("--learning-rate", type=float, default=TrainConfig.model_fields["learning_rate"].default)
     parser.add_argument("--model", type=Path, default=REPO / ".tunewheel" / "models" / "SmolLM2-135M-Instruct")
     parser.add_argument("--gguf", type=Path, help="convert this GGUF into --model first (serve/model.py)")
     parser.add_argument("--adapters", type=Path, default=REPO / "bench" / "results" / "cuda-adapters")
-    parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script out (the lora rows)")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script out (the lora row: lora-batch32 took over 24 GB on CPU)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap every stage of every row (default: one epoch)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="default: all")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_cuda.json")
@@ -91,12 +89,7 @@ def main() -> None:
         started = time.perf_counter()
         _convert(args.gguf, args.model)
         machine["convert_seconds"] = time.perf_counter() - started
-    rows = []
-    for name in args.rows:
-        child, overrides = ROWS[name]
-        if args.max_steps and "max_steps" in overrides:
-            overrides = {**overrides, "max_steps": min(args.max_steps, overrides["max_steps"])}
-        rows.append(run_row(name, args, child, **overrides))
+    rows = [run_row(name, args, ROWS[name][0], **ROWS[name][1]) for name in args.rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "stages": args.stages, "rows": rows}, indent=2))
     print(f"\n{machine}")

@@ -124,7 +124,7 @@ def test_one_packed_pass_gives_both_answers_log_probs_as_two_passes_do(tiny_mode
 
 
 def test_the_packed_mask_reaches_attention_finite_and_in_the_models_dtype(tiny_model):
-    """An fp32 mask's lowest value is -inf in bf16, which CUDA's attention turned into NaN KTO and DPO losses."""
+    """An fp32 mask's lowest value is -inf in bf16, the likely cause of NaN KTO and DPO losses on CUDA (learn/train_pref.py mask_as)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
