@@ -10,7 +10,9 @@ labels (SmolLM2's template has no {% generation %} markers, so TRL's assistant_o
 build them itself). TRL's gradient checkpointing is turned off, as the recipe does not use it.
 Both count the non-padding input tokens of the batches they train on, over the training loop
 only, with the same number of torch threads. Prints both figures, their ratio (target >= 1.0) and what limits the recipe.
-Then the recipe on an idle machine, as the demo's learner finds it: with 1 thread, and with its default (learn/cores.py:
+Every recipe row runs as the learner runs it, in a child process (train_in_child); the row against TRL on the C
+library's allocator, as TRL runs, and the others on the default mimalloc (learn.train.allocator), whose gain the 1-thread
+rows show. Then the recipe on an idle machine, as the demo's learner finds it: with 1 thread, and with its default (learn/cores.py:
 every core nobody else uses), and their ratio (target >= 1.8x). Where the CPU has bf16 instructions, also the opt-in
 `precision = "bf16"` (bf16 autocast) with 1 thread against fp32. With more than one core, also the opt-in
 `processes = N` (a process per core, up to the batch size), started as the learner starts it. Writes bench/results/train_throughput.json.
@@ -32,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from learn.cores import usable_cores  # noqa: E402
-from learn.train import TrainConfig, cpu_has_bf16, train  # noqa: E402
+from learn.train import TrainConfig, cpu_has_bf16  # noqa: E402
 from learn.train_child import train_in_child  # noqa: E402
 from learn.train_data import encode  # noqa: E402
 from serve.settings import load_settings  # noqa: E402
@@ -65,18 +67,18 @@ OPTIM = dict(learning_rate=2e-4, lr_scheduler="cosine", warmup_ratio=0.05, seed=
 
 
 def run_recipe(model: Path, train_file: Path, val_file: Path, work: Path, steps: int, batch: int, max_length: int,
-               threads: int | None, precision: str = "fp32", processes: int = 1) -> dict:
-    """The recipe with `threads` torch threads (None: its default, the cores nobody else uses: learn/cores.py);
-    with `processes` > 1, data-parallel as the learner starts it (train_in_child: `accelerate launch`)."""
+               threads: int | None, precision: str = "fp32", processes: int = 1, allocator: str = "mimalloc") -> dict:
+    """The recipe as the learner runs it, in a child process (train_in_child: its allocator, learn.train.allocator),
+    with `threads` torch threads (None: its default, the cores nobody else uses: learn/cores.py); with
+    `processes` > 1, data-parallel (`accelerate launch`)."""
     config = TrainConfig(batch_size=batch, max_length=max_length, max_steps=steps, epochs=100, early_stopping_patience=100,
-                         device="cpu", threads=threads, precision=precision, processes=processes, **LORA, **OPTIM)
-    out = work / f"recipe-{threads or 'idle-cores'}-{precision}-{processes}"
-    run = train if processes == 1 else train_in_child
-    m = run(config, base_model=str(model), train_file=train_file, val_file=val_file, out_dir=out).metrics
+                         device="cpu", threads=threads, precision=precision, processes=processes, allocator=allocator, **LORA, **OPTIM)
+    out = work / f"recipe-{threads or 'idle-cores'}-{precision}-{processes}-{allocator}"
+    m = train_in_child(config, base_model=str(model), train_file=train_file, val_file=val_file, out_dir=out).metrics
     return {"tokens": m["tokens"], "seconds": m["train_seconds"], "tokens_per_s": m["tokens_per_s"],
             "padding_fraction": m["padding_fraction"], "scored_tokens": m["scored_tokens"], "steps": m["steps"],
             "steps_at_threads": m["steps_at_threads"], "steps_at_processes": m["steps_at_processes"], "precision": m["precision"],
-            "processes": m["processes"]}
+            "processes": m["processes"], "allocator": allocator}
 
 
 def run_trl(model: Path, rows: list[dict], work: Path, steps: int, batch: int, max_length: int, threads: int) -> dict:
@@ -160,10 +162,10 @@ def main() -> None:
         train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         val_file.write_text("".join(json.dumps(r) + "\n" for r in coqa_chats(4, seed=1)))
         run = functools.partial(run_recipe, args.model, train_file, val_file, work, args.steps, args.batch, args.max_length)
-        recipe = run(args.threads)
+        recipe = run(args.threads, allocator="system")  # TRL runs on the C library's allocator too
         trl = run_trl(args.model, rows, work, args.steps, args.batch, args.max_length, args.threads)
         # the machine as the demo's learner finds it: no engine traffic, so the recipe may take every core
-        one = recipe if args.threads == 1 else run(1)
+        one = run(1)
         idle = run(None)
         one_bf16 = run(1, "bf16") if cpu_has_bf16() else None  # the opt-in precision, where the CPU has bf16 instructions
         cores = usable_cores()
@@ -173,6 +175,7 @@ def main() -> None:
     idle_ratio = idle["tokens_per_s"] / one["tokens_per_s"]
     share = head_share(args.model, recipe)
     result = {"recipe": recipe, "trl": trl, "ratio": ratio, "recipe_1_thread": one, "recipe_idle_cores": idle,
+              "mimalloc_ratio": one["tokens_per_s"] / recipe["tokens_per_s"] if args.threads == 1 else None,
               "idle_cores_ratio": idle_ratio, "recipe_1_thread_bf16": one_bf16,
               "bf16_ratio": one_bf16["tokens_per_s"] / one["tokens_per_s"] if one_bf16 else None,
               "recipe_processes": spread, "processes_ratio": spread["tokens_per_s"] / one["tokens_per_s"] if spread else None, **share,
@@ -181,11 +184,14 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"recipe (learn.train):  {recipe['tokens_per_s']:7.1f} tokens/s  ({recipe['tokens']} tokens in {recipe['seconds']:.1f} s, "
+    print(f"recipe (learn.train):  {recipe['tokens_per_s']:7.1f} tokens/s, C allocator  ({recipe['tokens']} tokens in {recipe['seconds']:.1f} s, "
           f"padding {recipe['padding_fraction']:.1%})")
     print(f"TRL SFTTrainer:        {trl['tokens_per_s']:7.1f} tokens/s  ({trl['tokens']} tokens in {trl['seconds']:.1f} s, "
           f"padding {trl['padding_fraction']:.1%})")
     print(f"ratio recipe / TRL:    {ratio:.2f}  (target >= 1.0)")
+    if result["mimalloc_ratio"]:
+        print(f"allocator:             {one['tokens_per_s']:7.1f} tokens/s with mimalloc (learn.train.allocator, the default) vs "
+              f"{recipe['tokens_per_s']:.1f} with the C library's, 1 thread: {result['mimalloc_ratio']:.2f}x")
     print(f"idle cores:            {idle['tokens_per_s']:7.1f} tokens/s with the default threads (steps at each thread count: "
           f"{idle['steps_at_threads']}) vs {one['tokens_per_s']:.1f} with 1 thread: {idle_ratio:.2f}x (target >= 1.8x; "
           f"at most {len(os.sched_getaffinity(0))}x on {len(os.sched_getaffinity(0))} cores)")

@@ -32,7 +32,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from learn.children import child_env, die_with_parent
+from learn.children import child_env, die_with_parent, with_allocator
 from learn.cores import usable_cores
 from learn.train_config import TrainConfig, TrainError, TrainResult, check_paths
 
@@ -68,9 +68,10 @@ def train_in_child(config: TrainConfig, *, base_model: str, out_dir: str | Path,
                                           *(str(x) for flag, path in paths.items() if path is not None for x in (flag, path)),
                                           "--stages", *stages])
         # the child imports this checkout of learn/, whatever the caller's working directory; it gets only
-        # the environment a trainer needs (no database URL, no keys) and dies with this process
-        env = child_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                                     os.environ.get("PYTHONPATH")]))})
+        # the environment a trainer needs (no database URL, no keys), mimalloc where configured, and dies with this process
+        env = with_allocator(child_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                                    os.environ.get("PYTHONPATH")]))}),
+                             config.allocator)
         with open(log_path, "wb") as log:
             child = subprocess.Popen(command, stdout=subprocess.PIPE if progress else log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, preexec_fn=functools.partial(die_with_parent, os.getpid()))

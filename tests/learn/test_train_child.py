@@ -10,6 +10,7 @@ child importing torch). The recipe itself is tests/learn/test_train.py.
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from learn.children import child_env
+from learn.children import child_env, mimalloc_library, with_allocator
 from learn.train import TrainConfig, TrainError, train_in_child
 from tests.learn.chats import coqa_rows, write_jsonl
 
@@ -62,6 +63,30 @@ def test_a_child_gets_what_models_need_and_no_secrets():
                    "https_proxy": "http://p:3128", "PYTHONPATH": "/repo"}
 
 
+def mapped_libraries(env: dict[str, str]) -> str:
+    """The shared objects a Python started with `env` has loaded."""
+    return subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"], env=env, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_the_training_child_runs_on_mimalloc_unless_told_not_to():
+    if mimalloc_library() is None:
+        # a dependency wherever the wheel exists (pyproject.toml): on x86-64 Linux its absence is a broken install
+        assert not (sys.platform == "linux" and platform.machine() == "x86_64"), "cmeel-mimalloc is not installed"
+        pytest.skip("no mimalloc wheel for this platform")
+    base = child_env()
+    assert "libmimalloc" in mapped_libraries(with_allocator(base, "mimalloc"))
+    assert "libmimalloc" not in mapped_libraries(with_allocator(base, "system"))
+    assert with_allocator(base, "system") == base
+    # it keeps freed memory for reuse, unless the operator tuned that, and goes before another preload
+    env = with_allocator({**base, "MIMALLOC_PURGE_DELAY": "100", "LD_PRELOAD": "/opt/libother.so"}, "mimalloc")
+    assert env["MIMALLOC_PURGE_DELAY"] == "100" and env["LD_PRELOAD"] == f"{mimalloc_library()}:/opt/libother.so"
+    assert with_allocator(base, "mimalloc")["MIMALLOC_PURGE_DELAY"] == "-1"
+    assert with_allocator(env, "mimalloc") == env  # preloaded once
+    with pytest.raises(ValueError, match="allocator"):
+        TrainConfig(allocator="jemalloc")
+
+
 @pytest.mark.slow
 def test_a_child_past_its_timeout_is_killed_and_leaves_nothing(tmp_path, tiny_model, monkeypatch, capfd):
     monkeypatch.setenv("TUNEWHEEL_STORE__URL", "postgresql://learner:secret@db/tunewheel")
@@ -81,6 +106,8 @@ def test_a_child_past_its_timeout_is_killed_and_leaves_nothing(tmp_path, tiny_mo
     assert child is not None, "no training child appeared"
     environ = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{child}/environ").read_bytes().split(b"\0") if b"=" in kv)
     assert b"PATH" in environ and not any(k.startswith(b"TUNEWHEEL_") for k in environ)
+    if mimalloc_library():  # learn.train.allocator's default: the real training child runs on mimalloc
+        assert b"libmimalloc" in Path(f"/proc/{child}/maps").read_bytes()
     thread.join(120)
     assert "timed out after 20 s" in outcome["error"] and time.monotonic() - started < 90
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))

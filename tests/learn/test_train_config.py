@@ -47,6 +47,7 @@ precision = "bf16"
 beta = 0.2
 processes = 2
 fsdp = true
+allocator = "system"
 """
 
 
@@ -60,6 +61,7 @@ def test_every_learn_train_key_of_a_config_file_reaches_the_trainer(tmp_path):
         "lr_scheduler": "linear", "warmup_ratio": 0.1, "epochs": 2, "batch_size": 2, "grad_accum": 2, "max_length": 256,
         "seed": 3, "train_on_inputs": "true", "qlora": False, "early_stopping_patience": 2, "min_examples": 4,
         "max_steps": 7, "threads": 1, "val_fraction": 0.2, "device": "cpu", "precision": "bf16", "beta": 0.2, "processes": 2, "fsdp": True,
+        "allocator": "system",
     }
 
 
