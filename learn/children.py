@@ -13,7 +13,7 @@ families (HF_TOKEN included: it is how a gated base model is downloaded). Nothin
 TUNEWHEEL_* variable (the database URL, API keys), no cloud credentials, no other service's
 tokens, no PROMETHEUS_MULTIPROC_DIR (vLLM would write its metrics into the gateway's folder).
 A child that needs one more variable gets it through `extra`. `with_allocator` preloads mimalloc into
-the training child (learn.train.allocator): 30% less memory than the C library's allocator, no slower.
+the training child (learn.train.allocator): 30% less memory than the C library's allocator, as fast.
 """
 
 from __future__ import annotations
