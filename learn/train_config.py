@@ -108,15 +108,15 @@ class TrainConfig(BaseModel):
     the whole step and the steps and examples seen are those of one process (learn/train_dist.py). On CPU they give
     cores back to a busy engine as one process does (learn/cores.py). Each process holds the whole model unless
     fsdp is on."""
+    fsdp: bool = False
+    """With processes > 1: shard the base model's decoder layers over the processes (PyTorch FSDP2 `fully_shard`),
+    so each holds 1/N of their weights and gathers a layer only while it runs: for a base model too large for one
+    GPU. Same steps, losses and adapter as without it (learn/train_dist.py); not with qlora."""
     allocator: Literal["mimalloc", "system"] = "mimalloc"
     """The training child's memory allocator (learn/train_child.py): 'mimalloc' (the cmeel-mimalloc wheel, preloaded
     and keeping freed memory for reuse) where it is installed, else the C library's; 'system': always the C library's.
     Measured on 2 cores, the seeded demo's data at batch 4: peak memory 4.1 GB instead of 5.8-6.1 GB, and steps as fast
     within the noise (0.97x to 1.13x in interleaved runs)."""
-    fsdp: bool = False
-    """With processes > 1: shard the base model's decoder layers over the processes (PyTorch FSDP2 `fully_shard`),
-    so each holds 1/N of their weights and gathers a layer only while it runs: for a base model too large for one
-    GPU. Same steps, losses and adapter as without it (learn/train_dist.py); not with qlora."""
 
     @field_validator("train_on_inputs", mode="before")
     @classmethod
