@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from learn.children import child_env
+from learn.children import child_env, preload_first
 from serve.lora_ops import ENV as LORA_OPS_ENV
 from serve.settings import Settings
 
@@ -131,9 +131,8 @@ def engine_env(settings: Settings, device: str, base: dict[str, str] | None = No
         env["VLLM_CPU_OMP_THREADS_BIND"] = settings.engine.cpu_threads_bind or _all_cores()
         if settings.engine.grouped_lora:
             env[LORA_OPS_ENV] = "grouped"  # serve/lora_ops.py
-        preload = env.get("LD_PRELOAD", "")
-        if settings.engine.intel_openmp and (iomp := intel_openmp_library()) and not re.search(r"lib[ig]?omp", preload):
-            env["LD_PRELOAD"] = f"{iomp}:{preload}" if preload else str(iomp)
+        if settings.engine.intel_openmp and (iomp := intel_openmp_library()) and not re.search(r"lib[ig]?omp", env.get("LD_PRELOAD", "")):
+            env = preload_first(env, iomp)
     return env
 
 
