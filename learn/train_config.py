@@ -116,7 +116,7 @@ class TrainConfig(BaseModel):
     """The training child's memory allocator (learn/train_child.py): 'mimalloc' (the cmeel-mimalloc wheel, preloaded
     and keeping freed memory for reuse) where it is installed, else the C library's; 'system': always the C library's.
     Measured on 2 cores, the seeded demo's data at batch 4: peak memory 4.1 GB instead of 5.8-6.3 GB, and steps as fast
-    within the noise (0.97x to 1.13x in interleaved runs)."""
+    within the noise (0.97x to 1.13x across runs)."""
 
     @field_validator("train_on_inputs", mode="before")
     @classmethod
