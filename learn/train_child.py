@@ -16,7 +16,8 @@ split the work). The launcher gets `--multi_gpu` on CPU too: with `--cpu` it sta
 (its simple launcher; accelerate issue #2741), while the multi-GPU launcher starts N workers, to which
 accelerate's `PartialState(cpu=True)` gives the gloo backend. `--main_process_port 0` lets accelerate
 pick a free port, so two runs never collide on torchrun's default 29500. When one process fails,
-torchrun stops the others and the launcher exits non-zero: the run fails as one.
+torchrun stops the others and the launcher exits non-zero: the run fails as one, and its error names
+every process that failed (one killed by a signal first: the others failed because it left).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,8 +102,31 @@ def train_in_child(config: TrainConfig, *, base_model: str, out_dir: str | Path,
             if code == -signal.SIGKILL:
                 why += " (out of memory, or killed)"
         lines = [s for s in log_path.read_text(errors="replace").replace("\r", "\n").splitlines() if s.strip()]
-        who = "training child" if config.processes == 1 else f"training launcher ({config.processes} processes; torchrun names the failed one)"
-        raise TrainError(f"{who} {why}; nothing was written to {out_dir}. Last output:\n" + "\n".join(lines[-15:]))
+        who = "training child" if config.processes == 1 else f"training launcher ({config.processes} processes)"
+        failed = "; ".join(rank_failures(log_path.read_text(errors="replace")))
+        raise TrainError(f"{who} {why}" + (f" ({failed})" if failed else "") + f"; nothing was written to {out_dir}. "
+                         "Last output:\n" + "\n".join(lines[-15:]))
+
+
+_FAILURE = re.compile(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+) \(pid: \d+\)")
+
+
+def rank_failures(log: str) -> list[str]:
+    """The processes torchrun's failure summary names, as 'rank 1 was killed by SIGKILL (...)': those killed by a
+    signal first, then those that exited with an error, then those torchrun stopped (SIGTERM). torchrun's 'root cause'
+    is the failure it saw first, and a peer that failed because a killed process closed its connection can come first,
+    with a traceback long enough to push the killed one out of the last lines."""
+    failures = {}
+    for rank, code in _FAILURE.findall(log):
+        code = int(code)
+        if code == -signal.SIGTERM:
+            failures[int(rank)] = (2, f"rank {rank} was stopped (SIGTERM)")
+        elif code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            failures[int(rank)] = (0, f"rank {rank} was killed by {name}" + (" (out of memory, or killed)" if name == "SIGKILL" else ""))
+        else:
+            failures[int(rank)] = (1, f"rank {rank} exited with status {code}")
+    return [text for _, text in sorted(failures.values())]
 
 
 def _stop(child: subprocess.Popen, grace_s: float = 15.0) -> None:
