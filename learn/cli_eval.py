@@ -153,7 +153,7 @@ def promote_command(
     """Make VERSION the prod version of its kind, through the running gateways: one of them loads and
     warms it first, then prod moves (the current version is retired). If the engine will not load it,
     production stays where it is and this says why."""
-    from learn.promotion import promote
+    from learn.promotion import promote, served_rank
     from learn.registry import UNCHECKED, RegistryError
 
     settings = load(ctx, config)
@@ -163,7 +163,7 @@ def promote_command(
     if v is not None and v.kind == "chat":
         typer.echo(f"asking the gateways to load {version} (waiting up to {wait_s:g} s) ...", err=True)  # progress: stderr
     try:
-        change = promote(reg, version, requested_by="cli", max_rank=settings.lora_capacity, wait_s=wait_s,
+        change = promote(reg, version, requested_by="cli", max_rank=settings.lora_capacity_for(served_rank(reg)), wait_s=wait_s,
                          expected=UNCHECKED if expect is None else (None if expect == "base" else expect))
     except RegistryError as exc:
         fail(str(exc))

@@ -152,7 +152,8 @@ def live_trials(settings, *, converge: Callable[[], object] | None = None) -> Li
 
     def promote(name: str, expected: str | None, detail: dict):
         return promotion.promote(registry, name, expected=expected, requested_by="canary", converge=converge,
-                                 wait_s=settings.learn.promotion_wait_s, max_rank=settings.lora_capacity, detail=detail)
+                                 wait_s=settings.learn.promotion_wait_s, max_rank=settings.lora_capacity_for(promotion.served_rank(registry)),
+                                 detail=detail)
 
     return LiveTrials(registry, settings.learn.canary, base_name=settings.engine.served_name, promote=promote)
 

@@ -44,6 +44,7 @@ from sqlmodel import Field, Session, SQLModel
 
 from learn.registry import (
     AdapterVersion,
+    AliasPointer,
     Change,
     ChampionMoved,
     Registry,
@@ -104,6 +105,18 @@ def adapter_rank(path: str | Path) -> int | None:
     return max(ranks) if ranks else None
 
 
+def served_rank(registry: Registry) -> int | None:
+    """The largest LoRA rank among the adapters a gateway may serve from `registry`: each alias's promoted
+    version, its canary, the version on probation and the one it replaced, and the last good versions a
+    rollback (or a version that will not load) falls back to. None when there are none."""
+    with Session(registry.db) as s:
+        pointers = list(s.execute(select(AliasPointer)).scalars())
+    names = {n for p in pointers for n in (p.version, p.canary, p.probation, p.probation_baseline) if n}
+    names |= {v.name for p in pointers for v in registry.last_good(p.kind, p.style)}
+    ranks = [adapter_rank(v.path) for n in names if (v := registry.get(n)) is not None]
+    return max((r for r in ranks if r), default=None)
+
+
 def check_rank(name: str, path: str | Path, max_rank: int | None) -> None:
     """RankTooLarge, with what to change, when the adapter at `path` needs more than `max_rank`."""
     rank = adapter_rank(path)
@@ -111,7 +124,8 @@ def check_rank(name: str, path: str | Path, max_rank: int | None) -> None:
         return
     raise RankTooLarge(
         f"{name} has LoRA rank {rank} but the engine holds at most rank {max_rank} (vLLM --max-lora-rank: "
-        f"engine.max_lora_rank, by default the smallest size that holds learn.train.rank): set "
+        f"engine.max_lora_rank, by default the smallest size that holds learn.train.rank and the ranks already "
+        f"served): set "
         f"engine.max_lora_rank >= {rank} and restart the engine, or train with learn.train.rank <= {max_rank}")
 
 

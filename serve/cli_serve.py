@@ -4,8 +4,9 @@
     tunewheel serve --config tunewheel.toml --host 0.0.0.0 --port 8080   # needs serve.api_keys
     tunewheel serve --with-learner                   # and the learner's scheduler in-process
 
-Order on start: settings are checked (an open gateway may only bind loopback), the embedded
-model is prepared if the engine is ours, the engine starts and is supervised (restarted with
+Order on start: settings are checked (an open gateway may only bind loopback), the engine's LoRA
+capacity is sized to the training rank and the adapters the registry serves, the embedded model is
+prepared if the engine is ours, the engine starts and is supervised (restarted with
 backoff if it dies, `/ready` says 503 meanwhile), the database is migrated, then uvicorn
 serves the app. SIGINT/SIGTERM stop the gateway first (in-flight requests finish, pending turns
 are written), then the engine and its whole process tree, so nothing is left behind.
@@ -66,6 +67,28 @@ def _build_store(settings):
     return writer, Registry(writer.engine)
 
 
+def sized_to_registry(settings):
+    """`settings` with engine.max_lora_rank fixed to the LoRA capacity the engine needs: the training rank's
+    size, or more when the registry already serves an adapter of a larger rank (a promoted version, a
+    fallback, a restyler, trained before learn.train.rank was lowered), so that it still loads."""
+    from feedback.db import make_db
+    from learn.promotion import served_rank
+    from learn.registry import Registry
+
+    if settings.engine.max_lora_rank is not None:
+        return settings
+    db = make_db(settings.store_url)
+    try:
+        rank = served_rank(Registry(db))
+    finally:
+        db.dispose()
+    capacity = settings.lora_capacity_for(rank)
+    if capacity != settings.lora_capacity:
+        log.info("engine LoRA capacity %d, not %d: the registry serves an adapter of rank %d", capacity,
+                 settings.lora_capacity, rank)
+    return settings.model_copy(update={"engine": settings.engine.model_copy(update={"max_lora_rank": capacity})})
+
+
 def start_learner(settings, db, *, converge: Callable[[], None]):
     """`--with-learner`: the learner's jobs in a background thread of this process (an APScheduler)."""
     from learn.cycle import cycle_runner
@@ -104,10 +127,12 @@ async def run_serve(settings, *, with_learner: bool = False) -> None:
     # uvicorn installs its own handlers while it serves and re-raises the signal after shutdown;
     # ours must then be the ones in place, or a default SIGTERM would kill us before the engine stops.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    engine = None if settings.engine.pooled else EngineManager(settings)  # replicas: probed by the gateway's pool
+    engine = None
     supervise = None
     learner = None
     try:
+        settings = await asyncio.to_thread(sized_to_registry, settings)
+        engine = None if settings.engine.pooled else EngineManager(settings)  # replicas: probed by the gateway's pool
         if not settings.engine.attached:
             from serve.model import prepare_model
 

@@ -178,7 +178,8 @@ class EngineSettings(BaseModel):
     max_model_len: int = Field(2048, description="vLLM --max-model-len.")
     max_loras: int = Field(4, description="vLLM --max-loras: adapters resident at once.")
     max_lora_rank: int | None = Field(None, description="vLLM --max-lora-rank; default: the smallest size vLLM accepts "
-                                      "that holds learn.train.rank. A larger capacity than the adapters need makes every "
+                                      "that holds learn.train.rank and every adapter the registry serves (a promoted, fallback or restyler version of a "
+                                      "larger rank, trained before the rank was lowered). A larger capacity than the adapters need makes every "
                                       "adapter request slower (measured on CPU: 64 for rank-16 adapters, 0.12x the base speed).")
     grouped_lora: bool = Field(True, description="CPU: apply each LoRA with one matrix product per adapter in the batch "
                                "(serve/lora_ops.py, a vLLM plugin) in place of vLLM's per-token weight gather; false: vLLM's own.")
@@ -287,10 +288,17 @@ class Settings(BaseSettings):
     @property
     def lora_capacity(self) -> int:
         """The engine's --max-lora-rank: engine.max_lora_rank, or the smallest size vLLM accepts that
-        holds the adapters this learner trains (learn.train.rank)."""
+        holds the adapters this learner trains (learn.train.rank). `tunewheel serve` sizes its engine
+        with `lora_capacity_for` the registry's adapters and keeps the result in engine.max_lora_rank."""
+        return self.lora_capacity_for(None)
+
+    def lora_capacity_for(self, served_rank: int | None) -> int:
+        """engine.max_lora_rank, or the smallest size vLLM accepts that holds both learn.train.rank and
+        `served_rank`, the largest rank the registry may serve (learn/promotion.py served_rank)."""
         if self.engine.max_lora_rank is not None:
             return self.engine.max_lora_rank
-        return next((r for r in LORA_RANK_SIZES if r >= self.learn.train.rank), LORA_RANK_SIZES[-1])
+        need = max(self.learn.train.rank, served_rank or 0)
+        return next((r for r in LORA_RANK_SIZES if r >= need), LORA_RANK_SIZES[-1])
 
     @property
     def seed_files(self) -> list[str]:

@@ -26,7 +26,7 @@ from sqlmodel import Session
 from feedback.db import make_db
 from learn import promotion
 from learn.promotion import Promotion, PromotionFailed, PromotionTimeout, RankTooLarge, adapter_rank
-from learn.registry import ChampionMoved, Registry, RegistryError
+from learn.registry import UNCHECKED, ChampionMoved, Registry, RegistryError
 from learn.replicas import ReplicaLeases
 from tests.learn.fake_gateway import FakeGateway
 
@@ -103,6 +103,30 @@ def test_a_rank_beyond_the_engine_is_refused_with_what_to_change(reg, tmp_path):
     with pytest.raises(RankTooLarge, match=r"rank 64 but the engine holds at most rank 16.*engine.max_lora_rank >= 64"):
         promotion.promote(reg, big, expected=None, requested_by="cli", max_rank=16)
     assert reg.prod() is None and rows(reg) == []
+
+
+def test_the_engine_holds_the_training_rank_and_every_rank_the_registry_serves(reg, tmp_path):
+    from serve.cli_serve import sized_to_registry
+    from serve.engine_child import engine_command
+    from serve.settings import load_settings
+
+    def capacity(settings) -> str:
+        cmd = engine_command(sized_to_registry(settings), "cpu")
+        return cmd[cmd.index("--max-lora-rank") + 1]
+
+    url = str(reg.db.url.render_as_string(hide_password=False))
+    settings = load_settings(None, data_dir=tmp_path, store={"url": url}, learn={"train": {"rank": 8}})
+    assert promotion.served_rank(reg) is None and capacity(settings) == "8"  # the training rank alone
+    old = add(reg, tmp_path, rank=32)  # trained before learn.train.rank was lowered to 8
+    reg.promote(old)
+    add(reg, tmp_path, rank=64)  # a candidate is not served (a promotion of it is checked then)
+    reg.promote(add(reg, tmp_path, rank=8))
+    assert promotion.served_rank(reg) == 32  # the retired version is prod's last good one: a rollback may load it
+    assert capacity(settings) == "32" and sized_to_registry(settings).lora_capacity == 32
+    with pytest.raises(RankTooLarge):  # nor is a rank-64 version promoted beyond what the sized engine holds
+        promotion.promote(reg, "chat-v0002", expected=UNCHECKED, requested_by="cli", max_rank=settings.lora_capacity_for(32))
+    fixed = load_settings(None, data_dir=tmp_path, store={"url": url}, engine={"max_lora_rank": 16}, learn={"train": {"rank": 8}})
+    assert capacity(fixed) == "16"  # an operator's engine.max_lora_rank stands
 
 
 def test_another_process_hands_the_load_to_a_gateway_and_waits(reg, tmp_path):
