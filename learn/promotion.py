@@ -125,8 +125,7 @@ def check_rank(name: str, path: str | Path, max_rank: int | None) -> None:
     raise RankTooLarge(
         f"{name} has LoRA rank {rank} but the engine holds at most rank {max_rank} (vLLM --max-lora-rank: "
         f"engine.max_lora_rank, by default the smallest size that holds learn.train.rank and the ranks already "
-        f"served): set "
-        f"engine.max_lora_rank >= {rank} and restart the engine, or train with learn.train.rank <= {max_rank}")
+        f"served): set engine.max_lora_rank >= {rank} and restart the engine, or train with learn.train.rank <= {max_rank}")
 
 
 # ---------------------------------------------------------------- the path

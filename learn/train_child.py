@@ -96,14 +96,11 @@ def train_in_child(config: TrainConfig, *, base_model: str, out_dir: str | Path,
             return TrainResult(out_dir=Path(result["out_dir"]), metrics=result["metrics"])
         if "error" in result:
             raise TrainError(result["error"])
-        if why is None:
-            code = child.returncode
-            why = f"exited with status {code}" if code >= 0 else f"was killed by {signal.Signals(-code).name}"
-            if code == -signal.SIGKILL:
-                why += " (out of memory, or killed)"
-        lines = [s for s in log_path.read_text(errors="replace").replace("\r", "\n").splitlines() if s.strip()]
+        why = why or exit_reason(child.returncode)
+        log = log_path.read_text(errors="replace")
+        lines = [s for s in log.replace("\r", "\n").splitlines() if s.strip()]
         who = "training child" if config.processes == 1 else f"training launcher ({config.processes} processes)"
-        failed = "; ".join(rank_failures(log_path.read_text(errors="replace")))
+        failed = "; ".join(rank_failures(log))
         raise TrainError(f"{who} {why}" + (f" ({failed})" if failed else "") + f"; nothing was written to {out_dir}. "
                          "Last output:\n" + "\n".join(lines[-15:]))
 
@@ -117,16 +114,20 @@ def rank_failures(log: str) -> list[str]:
     is the failure it saw first, and a peer that failed because a killed process closed its connection can come first,
     with a traceback long enough to push the killed one out of the last lines."""
     failures = {}
-    for rank, code in _FAILURE.findall(log):
-        code = int(code)
+    for rank, code in ((int(r), int(c)) for r, c in _FAILURE.findall(log)):
         if code == -signal.SIGTERM:
-            failures[int(rank)] = (2, f"rank {rank} was stopped (SIGTERM)")
-        elif code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-            failures[int(rank)] = (0, f"rank {rank} was killed by {name}" + (" (out of memory, or killed)" if name == "SIGKILL" else ""))
+            failures[rank] = (2, f"rank {rank} was stopped (SIGTERM)")
         else:
-            failures[int(rank)] = (1, f"rank {rank} exited with status {code}")
+            failures[rank] = (0 if code < 0 else 1, f"rank {rank} {exit_reason(code)}")
     return [text for _, text in sorted(failures.values())]
+
+
+def exit_reason(code: int) -> str:
+    """How a process ended, from its return code (negative: the signal that killed it)."""
+    if code >= 0:
+        return f"exited with status {code}"
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    return f"was killed by {name}" + (" (out of memory, or killed)" if -code == signal.SIGKILL else "")
 
 
 def _stop(child: subprocess.Popen, grace_s: float = 15.0) -> None:
